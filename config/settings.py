@@ -1,0 +1,297 @@
+"""The pgvouch configuration: schema, defaults and loader.
+
+Owns: the typed settings (listen address, API, TLS, client auth, resources
+with their accounts, users) and reading them from YAML with file:line errors.
+Secrets (account passwords) are resolved lazily from the environment or a
+file at connect time, so they are never part of the settings objects'
+``repr`` and never logged.
+
+Must not: open sockets, start servers, or evaluate policies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config.yamlnodes import ConfigError, Mapping, Node, load_file
+
+log = logging.getLogger("pgvouch.config")
+
+SSLMODES = ("disable", "require", "verify-full")
+CLIENT_AUTH = ("scram", "trust")
+LOG_FORMATS = ("plain", "json")
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 6432
+
+
+@dataclass(frozen=True)
+class Api:
+    host: str = "127.0.0.1"
+    port: int = 8432
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class Tls:
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    user: str
+    password_env: str | None = None
+    password_file: str | None = None
+    allow: tuple[str, ...] | None = None  # None: anyone who may use the resource
+
+    def password(self) -> str | None:
+        """The upstream password, read at connect time (never cached in logs)."""
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"account {self.name!r}: environment variable {self.password_env} is not set"
+                )
+            return value
+        if self.password_file is not None:
+            try:
+                return Path(self.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(
+                    f"account {self.name!r}: cannot read password_file: {exc.strerror}"
+                ) from None
+        return None
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    host: str
+    port: int
+    database: str
+    default_account: str
+    accounts: dict[str, Account]
+    sslmode: str = "disable"
+    ca_file: str | None = None
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    groups: tuple[str, ...] = ()
+    password_verifier: str | None = field(default=None, repr=False)
+    api_token_sha256: str | None = field(default=None, repr=False)
+    roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_client_connections: int = 1000
+    auth_timeout: float = 30.0
+    drain_timeout: float = 30.0
+    max_message_size: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: Listen
+    api: Api
+    tls: Tls | None
+    client_auth: str
+    resources: dict[str, Resource]
+    users: dict[str, User]
+    limits: Limits
+    log_format: str = "plain"
+    log_level: str = "INFO"
+    policies: str | None = None
+    source: str = "<memory>"
+
+    def groups_of(self, user: str) -> tuple[str, ...]:
+        entry = self.users.get(user)
+        return entry.groups if entry else ()
+
+
+def _listen(node: Node, default_port: int) -> tuple[str, int]:
+    m = node.mapping(("host", "port"))
+    host = m["host"].str() if "host" in m else "127.0.0.1"
+    port = m["port"].int(minimum=0, maximum=65535) if "port" in m else default_port
+    return host, port
+
+
+def _account(node: Node) -> Account:
+    m = node.mapping(("name", "user", "password_env", "password_file", "allow"), ("name", "user"))
+    if "password_env" in m and "password_file" in m:
+        raise m.error("give password_env or password_file, not both")
+    allow = tuple(m["allow"].str_list()) if "allow" in m else None
+    return Account(
+        name=m["name"].str(),
+        user=m["user"].str(),
+        password_env=m["password_env"].str() if "password_env" in m else None,
+        password_file=m["password_file"].str() if "password_file" in m else None,
+        allow=allow,
+    )
+
+
+def _resource(node: Node) -> Resource:
+    m = node.mapping(
+        (
+            "name", "host", "port", "database", "sslmode", "ca_file",
+            "default_account", "accounts", "connect_timeout",
+        ),
+        ("name", "host", "database", "accounts"),
+    )
+    name = m["name"].str()
+    if "/" in name:
+        raise m["name"].error("a resource name must not contain '/'")
+    accounts: dict[str, Account] = {}
+    for item in m["accounts"].items():
+        account = _account(item)
+        if account.name in accounts:
+            raise item.error(f"duplicate account {account.name!r}")
+        accounts[account.name] = account
+    if not accounts:
+        raise m["accounts"].error("a resource needs at least one account")
+    default = m["default_account"].str() if "default_account" in m else next(iter(accounts))
+    if default not in accounts:
+        raise m["default_account"].error(f"no account named {default!r} in this resource")
+    sslmode = m["sslmode"].choice(SSLMODES) if "sslmode" in m else "disable"
+    ca_file = m["ca_file"].str() if "ca_file" in m else None
+    if sslmode == "verify-full" and ca_file is None:
+        raise m.error("sslmode verify-full needs ca_file")
+    return Resource(
+        name=name,
+        host=m["host"].str(),
+        port=m["port"].int(minimum=1, maximum=65535) if "port" in m else 5432,
+        database=m["database"].str(),
+        default_account=default,
+        accounts=accounts,
+        sslmode=sslmode,
+        ca_file=ca_file,
+        connect_timeout=m["connect_timeout"].duration() if "connect_timeout" in m else 10.0,
+    )
+
+
+def _user(node: Node) -> User:
+    m = node.mapping(
+        ("name", "groups", "password_verifier", "api_token_sha256", "roles", "email", "slack_id"),
+        ("name",),
+    )
+    verifier = m["password_verifier"].str() if "password_verifier" in m else None
+    if verifier is not None and not verifier.startswith("SCRAM-SHA-256$"):
+        raise m["password_verifier"].error(
+            "password_verifier must be a SCRAM-SHA-256 verifier (make one with `pgvouch user hash`)"
+        )
+    token = m["api_token_sha256"].str() if "api_token_sha256" in m else None
+    if token is not None and (len(token) != 64 or any(c not in "0123456789abcdef" for c in token)):
+        raise m["api_token_sha256"].error("api_token_sha256 must be 64 lowercase hex digits")
+    return User(
+        name=m["name"].str(),
+        groups=tuple(m["groups"].str_list()) if "groups" in m else (),
+        password_verifier=verifier,
+        api_token_sha256=token,
+        roles=tuple(m["roles"].str_list()) if "roles" in m else (),
+    )
+
+
+def _limits(node: Node | None) -> Limits:
+    if node is None:
+        return Limits()
+    m = node.mapping(
+        ("max_client_connections", "auth_timeout", "drain_timeout", "max_message_size")
+    )
+    d = Limits()
+    return Limits(
+        max_client_connections=m["max_client_connections"].int(minimum=1)
+        if "max_client_connections" in m
+        else d.max_client_connections,
+        auth_timeout=m["auth_timeout"].duration() if "auth_timeout" in m else d.auth_timeout,
+        drain_timeout=m["drain_timeout"].duration() if "drain_timeout" in m else d.drain_timeout,
+        max_message_size=m["max_message_size"].int(minimum=1024, maximum=1 << 30)
+        if "max_message_size" in m
+        else d.max_message_size,
+    )
+
+
+TOP_KEYS = (
+    "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log",
+    "policies", "store", "hold", "audit", "notify", "preview",
+)
+
+
+def settings_from_node(root: Node) -> Settings:
+    """Validate a parsed config document and build :class:`Settings`."""
+    m: Mapping = root.mapping(TOP_KEYS, ("resources",))
+    listen_host, listen_port = _listen(m["listen"], 6432) if "listen" in m else ("127.0.0.1", 6432)
+    api = Api()
+    if "api" in m:
+        api_node = m["api"]
+        if api_node.node.tag == "tag:yaml.org,2002:bool":
+            api = Api(enabled=api_node.bool())
+        else:
+            host, port = _listen(api_node, 8432)
+            api = Api(host=host, port=port)
+    tls = None
+    if "tls" in m:
+        t = m["tls"].mapping(("cert_file", "key_file"), ("cert_file", "key_file"))
+        tls = Tls(cert_file=t["cert_file"].str(), key_file=t["key_file"].str())
+    client_auth = m["client_auth"].choice(CLIENT_AUTH) if "client_auth" in m else "scram"
+    resources: dict[str, Resource] = {}
+    for item in m["resources"].items():
+        resource = _resource(item)
+        if resource.name in resources:
+            raise item.error(f"duplicate resource {resource.name!r}")
+        resources[resource.name] = resource
+    if not resources:
+        raise m["resources"].error("at least one resource is needed")
+    users: dict[str, User] = {}
+    if "users" in m:
+        for item in m["users"].items():
+            user = _user(item)
+            if user.name in users:
+                raise item.error(f"duplicate user {user.name!r}")
+            users[user.name] = user
+    log_format, log_level = "plain", "INFO"
+    if "log" in m:
+        lm = m["log"].mapping(("format", "level"))
+        if "format" in lm:
+            log_format = lm["format"].choice(LOG_FORMATS)
+        if "level" in lm:
+            log_level = lm["level"].choice(("DEBUG", "INFO", "WARNING", "ERROR"))
+    policies = None
+    if "policies" in m:
+        # Relative paths are relative to the config file, so a config and its
+        # policy directory can move together (Docker, Kubernetes ConfigMaps).
+        policies = str((Path(root.file).parent / m["policies"].str()).resolve())
+    return Settings(
+        listen=Listen(listen_host, listen_port),
+        api=api,
+        tls=tls,
+        client_auth=client_auth,
+        resources=resources,
+        users=users,
+        limits=_limits(m.get("limits")),
+        log_format=log_format,
+        log_level=log_level,
+        policies=policies,
+        source=root.file,
+    )
+
+
+def load_settings(path: str | Path) -> Settings:
+    """Load and validate a config file; raises :class:`ConfigError` with file:line."""
+    settings = settings_from_node(load_file(path))
+    if settings.client_auth == "trust":
+        log.warning(
+            "client_auth is 'trust': any configured user can connect WITHOUT a password. "
+            "Use this only for demos."
+        )
+    return settings

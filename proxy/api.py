@@ -1,0 +1,53 @@
+"""The HTTP side: /metrics, /healthz and /readyz (approvals come later).
+
+Owns: the aiohttp application and its routes. Handlers only read state and
+render it; no business logic lives here.
+
+Must not: decide anything about statements or sessions.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.server import ProxyServer
+
+PROXY = web.AppKey("proxy", ProxyServer)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY]
+    body = generate_latest(proxy.metrics.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    proxy = request.app[PROXY]
+    if proxy.draining or proxy.listener is None or not proxy.listener.is_serving():
+        return web.json_response({"status": "not ready"}, status=503)
+    return web.json_response({"status": "ready", "sessions": len(proxy.sessions)})
+
+
+def make_app(proxy: ProxyServer) -> web.Application:
+    app = web.Application()
+    app[PROXY] = proxy
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def start_api(proxy: ProxyServer) -> web.AppRunner | None:
+    api = proxy.settings.api
+    if not api.enabled:
+        return None
+    runner = web.AppRunner(make_app(proxy), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, api.host, api.port, reuse_address=True)
+    await site.start()
+    return runner

@@ -1,0 +1,155 @@
+"""The ``pgvouch`` command line.
+
+Owns: argument parsing and wiring: ``serve``, ``demo``, ``user hash``,
+``config check`` and the ``policy`` tools. Each subcommand is a small
+function returning an exit code.
+
+Must not: contain proxy or policy logic itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import getpass
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+from config.settings import Settings, load_settings
+from config.yamlnodes import ConfigError
+from proxy import scram
+from proxy.decide import Decider
+from proxy.logs import setup_logging
+
+log = logging.getLogger("pgvouch")
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def run_proxy(
+    settings: Settings,
+    decider: Decider | None = None,
+    on_ready: Callable[[], Awaitable[None] | None] | None = None,
+) -> None:
+    """Run the proxy and its API until SIGTERM/SIGINT, then drain."""
+    from proxy.api import start_api
+    from proxy.server import ProxyServer
+
+    proxy = ProxyServer(settings, decider)
+    await proxy.start()
+    runner = await start_api(proxy)
+    if runner is not None:
+        log.info("API on http://%s:%d", settings.api.host, settings.api.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        if on_ready is not None:
+            result = on_ready()
+            if result is not None:
+                await result
+        await stop.wait()
+        log.info("shutting down: draining sessions")
+        await proxy.drain()
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+    log.info("stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"pgvouch: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_format, settings.log_level)
+    _event_loop_policy()
+    asyncio.run(run_proxy(settings))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo
+
+    setup_logging("plain", "INFO")
+    _event_loop_policy()
+    return run_demo(port=args.port, api_port=args.api_port)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"pgvouch: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.config}: OK ({len(settings.resources)} resource(s), "
+        f"{len(settings.users)} user(s))"
+    )
+    return 0
+
+
+def cmd_user_hash(args: argparse.Namespace) -> int:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if password != getpass.getpass("Again: "):
+            print("pgvouch: the passwords do not match", file=sys.stderr)
+            return 2
+    if not password:
+        print("pgvouch: empty password", file=sys.stderr)
+        return 2
+    print(scram.make_verifier(password, iterations=args.iterations).encode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pgvouch", description="PostgreSQL access proxy")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="the proxy in front of a throwaway local PostgreSQL")
+    demo.add_argument("--port", type=int, default=6432)
+    demo.add_argument("--api-port", type=int, default=8432)
+    demo.set_defaults(func=cmd_demo)
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file")
+    check.add_argument("config")
+    check.set_defaults(func=cmd_config_check)
+
+    user = sub.add_parser("user", help="user tools")
+    user_sub = user.add_subparsers(dest="action", required=True)
+    hash_ = user_sub.add_parser("hash", help="print a SCRAM-SHA-256 verifier for a password")
+    hash_.add_argument("--password-stdin", action="store_true",
+                       help="read the password from standard input instead of prompting")
+    hash_.add_argument("--iterations", type=int, default=scram.DEFAULT_ITERATIONS)
+    hash_.set_defaults(func=cmd_user_hash)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

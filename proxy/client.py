@@ -1,0 +1,581 @@
+"""The client-facing side of one session.
+
+Owns: the startup exchange with the client (SSL/GSS negotiation, protocol
+version negotiation, cancel requests, SCRAM or trust authentication), then
+the relay between the client and its upstream connection: every client
+statement goes through ``decide()`` before it is forwarded, denied units are
+answered with PostgreSQL's own error semantics, and flow control pauses the
+side that is producing faster than the other can consume.
+
+How a denial keeps PostgreSQL's semantics: the denied unit is not forwarded;
+instead the proxy sends a *poison* Parse that the server rejects, plus Sync.
+The server's own error aborts a transaction block exactly as the real
+statement's error would, and the proxy replaces that error with its own
+(policy name, message, SQLSTATE) before relaying the server's
+ReadyForQuery. Because the poison travels in order with everything else,
+responses reach the client in the order it sent its messages.
+
+Must not: parse SQL (deciders do), or know about listeners and signals
+(``proxy.server`` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from proxy import scram, sqlstate, wire
+from proxy.decide import ALLOW, Decision, SessionInfo, Statement, Unit, deny
+from proxy.extended import ExtendedTracker
+from proxy.inbox import Inbox
+from proxy.phases import Phase, advance
+from proxy.startup import StartupRefused, Target, resolve
+from proxy.upstream import UpstreamError, UpstreamProtocol, connect
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+
+log = logging.getLogger("pgvouch.session")
+
+_I32 = struct.Struct("!i")
+
+# client message types
+_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = b"QPBDECSHFX"
+_BATCH = frozenset(b"PBDEC")
+_COPY = frozenset(b"dcf")
+# server message types the relay watches
+_Z, _PARSE_OK, _BIND_OK, _ERR, _NOTIFY, _PSTATUS, _COPY_IN, _COPY_OUT, _COPY_BOTH = (
+    b"Z12EASGHW"
+)
+_WATCH = frozenset(b"Z12EGHW")
+_KEEP_WHEN_SWALLOWING = frozenset(b"AS")
+
+# A statement the server always rejects at Parse time, so nothing is created
+# or dropped (not even the unnamed statement) and no transaction is touched
+# beyond what an error does. The name keeps the unnamed statement intact.
+POISON = (
+    wire.message(b"P", wire.cstr("pgvouch_denied") + wire.cstr("pgvouch: statement refused")
+                 + b"\x00\x00")
+    + wire.SYNC
+)
+_SERVER_MAX_MESSAGE = (1 << 30) + (1 << 20)
+WRITE_HIGH_WATER = 256 * 1024
+
+
+class Fatal(Exception):
+    """End the session with a FATAL error the client sees."""
+
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint
+
+
+class ClientSession(asyncio.Protocol):
+    """One client connection and, once authenticated, its upstream connection."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        settings = server.settings
+        self.settings = settings
+        self.id = secrets.token_hex(4)
+        self.phase = Phase.STARTUP
+        self.transport: asyncio.Transport | None = None
+        self.inbox = Inbox(64 * 1024, "client")
+        self.upstream: UpstreamProtocol | None = None
+        self.info: SessionInfo | None = None
+        self.target: Target | None = None
+        self.peer = ""
+        self.opened = time.time()
+        self.key_pid = 0
+        self.key_secret = b""
+        self.backend_pid = 0
+        self.backend_secret = b""
+        self.tls = False
+        # relay state
+        self.framer = wire.Framer(settings.limits.max_message_size, "client")
+        self.server_framer = wire.Framer(_SERVER_MAX_MESSAGE, "server")
+        self.tracker = ExtendedTracker()
+        self.cycles: deque[Decision | None] = deque()  # per outstanding sync point
+        self.substitutions = 0
+        self.batch_open = False
+        self.batch_mark = 0
+        self.batch_buf = bytearray()
+        self.batch_statements: list[Statement] = []
+        self.batch_closes: list[tuple[str, str]] = []
+        self.skipping: Decision | None = None
+        self.tx_status = b"I"
+        # counters (summed by the metrics collector; no locks on the hot path)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.decisions: dict[str, int] = {"allow": 0, "deny": 0}
+        self._handshake_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # ------------------------------------------------------------------ asyncio
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.server.session_started(self)
+        self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
+
+    def data_received(self, data: bytes) -> None:
+        if self.upstream is not None and self.phase not in (Phase.CLOSED,):
+            self.bytes_in += len(data)
+            try:
+                self._relay_client(data)
+            except wire.ProtocolError as exc:
+                self._fatal(sqlstate.PROTOCOL_VIOLATION, f"protocol violation: {exc}")
+        else:
+            self.inbox.feed(data)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inbox.close(exc)
+        if self._handshake_task is not None and not self._handshake_task.done():
+            self._handshake_task.cancel()
+        self._finish()
+
+    def pause_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self.upstream
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+
+    # called by the upstream protocol
+    def upstream_pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def upstream_resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.error_response(
+                sqlstate.CONNECTION_FAILURE, "the upstream server closed the connection",
+                severity="FATAL",
+            ))
+        self._close()
+
+    # ---------------------------------------------------------------- handshake
+    async def _handshake(self) -> None:
+        limits = self.settings.limits
+        try:
+            async with asyncio.timeout(limits.auth_timeout):
+                startup = await self._read_startup()
+                if startup is None:
+                    return
+                self.phase = advance(self.phase, "startup")
+                if self.server.at_capacity(self):
+                    raise Fatal(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+                user = startup.params.get("user", "")
+                await self._authenticate(user)
+                self.phase = advance(self.phase, "authenticated")
+                try:
+                    target = resolve(self.settings, startup.params)
+                except StartupRefused as exc:
+                    raise Fatal(exc.code, str(exc), exc.hint) from None
+                self.target = target
+                try:
+                    upstream = await connect(
+                        target.resource, target.account, target.upstream_params
+                    )
+                except UpstreamError as exc:
+                    self.server.metrics_upstream_failure()
+                    raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(exc)) from None
+            self.server.metrics_upstream_connected(upstream.connect_seconds)
+            self._start_relay(target, upstream.protocol, upstream.parameters,
+                              upstream.backend_pid, upstream.backend_secret)
+        except Fatal as exc:
+            self._fatal(exc.code, str(exc), exc.hint)
+        except TimeoutError:
+            self._fatal(sqlstate.PROTOCOL_VIOLATION, "authentication timed out")
+        except wire.ProtocolError as exc:
+            self._fatal(sqlstate.PROTOCOL_VIOLATION, f"invalid startup: {exc}")
+        except (ConnectionError, asyncio.CancelledError):
+            self._close()
+
+    async def _read_packet(self) -> bytes:
+        header = await self.inbox.read_exactly(4)
+        (length,) = _I32.unpack(header)
+        if length < 8 or length > wire.MAX_STARTUP_SIZE:
+            raise wire.ProtocolError(f"invalid startup packet length {length}")
+        return await self.inbox.read_exactly(length - 4)
+
+    async def _read_startup(self) -> wire.StartupMessage | None:
+        ssl_done = False
+        while True:
+            packet = wire.decode_startup_packet(await self._read_packet())
+            if isinstance(packet, wire.CancelRequest):
+                await self.server.cancel(packet.pid, packet.secret)
+                self._close()
+                return None
+            if isinstance(packet, wire.SpecialRequest):
+                if packet.code == wire.SSL_REQUEST and not ssl_done and self.server.ssl_context:
+                    if self.inbox.take():
+                        # bytes sent before the TLS handshake would be trusted as if
+                        # they came over TLS (CVE-2021-23214): refuse.
+                        raise wire.ProtocolError("data received before the TLS handshake")
+                    assert self.transport is not None
+                    self.transport.write(b"S")
+                    loop = asyncio.get_running_loop()
+                    tls = await loop.start_tls(
+                        self.transport, self, self.server.ssl_context, server_side=True
+                    )
+                    assert isinstance(tls, asyncio.Transport)
+                    self.transport = tls
+                    self.tls = True
+                    ssl_done = True
+                else:
+                    assert self.transport is not None
+                    self.transport.write(b"N")
+                continue
+            if packet.minor > 0 or packet.protocol_options:
+                assert self.transport is not None
+                self.transport.write(
+                    wire.negotiate_protocol_version(0, packet.protocol_options)
+                )
+            return packet
+
+    async def _read_password_message(self) -> bytes:
+        kind, body = await self.inbox.read_message()
+        if kind != ord("p"):
+            raise wire.ProtocolError(f"expected a password message, got {chr(kind)!r}")
+        return body
+
+    async def _authenticate(self, user: str) -> None:
+        assert self.transport is not None
+        entry = self.settings.users.get(user)
+        if self.settings.client_auth == "trust":
+            if entry is None:
+                self.server.metrics_auth_failure("unknown_user")
+                raise Fatal(sqlstate.NOT_AUTHORIZED, f'user "{user}" is not known to pgvouch')
+            return
+        verifier: scram.Verifier | None = None
+        if entry is not None and entry.password_verifier:
+            try:
+                verifier = scram.parse_verifier(entry.password_verifier)
+            except scram.ScramError:
+                log.error("user %s has an unusable password_verifier", user)
+        mock = verifier is None
+        exchange = scram.ScramServer(
+            verifier or scram.mock_verifier(user, self.server.server_secret), mock=mock
+        )
+        self.transport.write(wire.auth_sasl([scram.MECHANISM]))
+        reader = wire.Reader(await self._read_password_message())
+        mechanism = reader.cstring()
+        if mechanism != scram.MECHANISM:
+            raise Fatal(sqlstate.PROTOCOL_VIOLATION,
+                        "client selected an invalid SASL authentication mechanism")
+        length = reader.int32()
+        first = reader.bytes(length) if length >= 0 else b""
+        try:
+            self.transport.write(wire.auth_sasl_continue(exchange.first(first)))
+            final = exchange.final(await self._read_password_message())
+        except scram.ScramError as exc:
+            self.server.metrics_auth_failure("password")
+            log.info("authentication failed for user %r from %s: %s", user, self.peer, exc)
+            raise Fatal(sqlstate.INVALID_PASSWORD,
+                        f'password authentication failed for user "{user}"') from None
+        self.transport.write(wire.auth_sasl_final(final))
+
+    def _start_relay(self, target: Target, upstream: UpstreamProtocol,
+                     parameters: list[tuple[str, str]], backend_pid: int,
+                     backend_secret: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            upstream.close()
+            return
+        self.upstream = upstream
+        self.backend_pid, self.backend_secret = backend_pid, backend_secret
+        self.key_pid, self.key_secret = self.server.register_key(self)
+        self.info = SessionInfo(
+            session_id=self.id,
+            user=target.user,
+            groups=self.settings.groups_of(target.user),
+            resource=target.resource.name,
+            account=target.account.name,
+            application_name=target.upstream_params.get("application_name", ""),
+            client_addr=self.peer,
+            options=dict(target.pgvouch),
+        )
+        out = [wire.auth_ok()]
+        out += [wire.parameter_status(name, value) for name, value in parameters]
+        out.append(wire.backend_key_data(self.key_pid, self.key_secret))
+        out.append(wire.ready_for_query(b"I"))
+        self.transport.write(b"".join(out))
+        if upstream.transport is not None:
+            upstream.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.phase = advance(self.phase, "upstream_ready")
+        log.info(
+            "session opened id=%s user=%s resource=%s account=%s client=%s tls=%s app=%r",
+            self.id, target.user, target.resource.name, target.account.name, self.peer,
+            self.tls, self.info.application_name,
+        )
+        leftover = self.inbox.take()
+        upstream.attach(self)
+        if leftover:
+            self.data_received(leftover)
+
+    # ---------------------------------------------------- client → upstream relay
+    def _decide(self, unit: Unit) -> Decision:
+        assert self.info is not None
+        try:
+            decision = self.server.decider.decide(self.info, unit)
+        except Exception:
+            log.exception("decider failed; statement refused (session %s)", self.id)
+            decision = deny(
+                "pgvouch could not evaluate this statement, so it was not run",
+                code=sqlstate.INTERNAL_ERROR,
+            )
+        self.decisions[decision.action] = self.decisions.get(decision.action, 0) + 1
+        return decision
+
+    def _relay_client(self, data: bytes) -> None:
+        chunk, messages = self.framer.feed(data)
+        if not messages:
+            return
+        up = self.upstream
+        assert up is not None
+        fwd = 0  # chunk[fwd:] is not yet written upstream
+        for kind, start, end in messages:
+            if self.skipping is not None and kind != _X:
+                # after a denial inside an extended batch, PostgreSQL discards
+                # everything up to Sync; so does the proxy
+                self._write_up(chunk, fwd, start)
+                fwd = end
+                if kind == _S:
+                    self._send_poison(self.skipping)
+                    self.skipping = None
+                continue
+            if kind in _BATCH:
+                if not self.batch_open:
+                    self._write_up(chunk, fwd, start)
+                    fwd = start
+                    self.batch_open = True
+                    self.batch_mark = self.tracker.mark()
+                self._batch_message(kind, chunk, start, end)
+                continue
+            if self.batch_open:
+                fwd = self._close_batch(chunk, fwd, start)
+                if self.skipping is not None and kind != _X:
+                    fwd = end
+                    if kind == _S:
+                        self._send_poison(self.skipping)
+                        self.skipping = None
+                    continue
+            if kind == _S:
+                self.tracker.sync()
+                self.cycles.append(None)
+            elif kind == _Q:
+                decision = self._decide(Unit((Statement(wire.decode_query(chunk, start, end)),)))
+                if decision.action != "allow":
+                    self._write_up(chunk, fwd, start)
+                    self._send_poison(decision)
+                    fwd = end
+                else:
+                    self.tracker.sync()
+                    self.cycles.append(None)
+            elif kind == _H or kind in _COPY:
+                pass
+            elif kind == _F:
+                decision = self._decide(Unit((Statement(None, "function-call"),)))
+                if decision.action != "allow":
+                    self._write_up(chunk, fwd, start)
+                    self._send_poison(decision)
+                    fwd = end
+                else:
+                    self.tracker.sync()
+                    self.cycles.append(None)
+            elif kind == _X:
+                self._write_up(chunk, fwd, end)
+                self._close()
+                return
+            else:
+                raise wire.ProtocolError(f"invalid frontend message type {kind!r}")
+        if self.batch_open:
+            self.batch_buf += chunk[fwd:]
+        else:
+            self._write_up(chunk, fwd, len(chunk))
+
+    def _write_up(self, chunk: bytes | memoryview, start: int, end: int) -> None:
+        if end > start:
+            up = self.upstream
+            assert up is not None
+            if self.phase is Phase.READY:
+                self.phase = advance(self.phase, "forward")
+            up.write(chunk[start:end] if start or end != len(chunk) else chunk)
+
+    def _batch_message(self, kind: int, chunk: bytes | memoryview, start: int, end: int) -> None:
+        tracker = self.tracker
+        if kind == _P:
+            parse = wire.decode_parse(chunk, start, end)
+            tracker.parse(parse.name, parse.sql, parse.param_types)
+        elif kind == _B:
+            bind = wire.decode_bind(chunk, start, end)
+            tracker.bind(bind.portal, bind.statement, bind.params, bind.param_formats)
+        elif kind == _E:
+            self.batch_statements.append(tracker.execute(wire.decode_execute(chunk, start, end)))
+        elif kind == _C:
+            self.batch_closes.append(wire.decode_target(chunk, start, end))
+        else:
+            wire.decode_target(chunk, start, end)  # Describe: validate only
+
+    def _close_batch(self, chunk: bytes | memoryview, fwd: int, boundary: int) -> int:
+        """Decide on the open batch (its bytes are chunk[fwd:boundary] after batch_buf)."""
+        self.batch_open = False
+        statements, self.batch_statements = self.batch_statements, []
+        closes, self.batch_closes = self.batch_closes, []
+        decision = self._decide(Unit(tuple(statements), extended=True)) if statements else ALLOW
+        if decision.action == "allow":
+            if self.batch_buf:
+                up = self.upstream
+                assert up is not None
+                up.write(bytes(self.batch_buf))
+                self.batch_buf.clear()
+            for which, name in closes:
+                self.tracker.close(which, name)
+            self._write_up(chunk, fwd, boundary)
+            return boundary
+        self.batch_buf.clear()
+        self.tracker.rollback(self.batch_mark)
+        self.skipping = decision
+        return boundary
+
+    def _send_poison(self, decision: Decision) -> None:
+        up = self.upstream
+        assert up is not None
+        up.write(POISON)
+        self.tracker.sync()
+        self.cycles.append(decision)
+        self.substitutions += 1
+        log.info(
+            "statement refused session=%s user=%s resource=%s code=%s policy=%s",
+            self.id, self.info.user if self.info else "?", self.info.resource if self.info else "?",
+            decision.sqlstate, decision.policy,
+        )
+
+    # ---------------------------------------------------- upstream → client relay
+    def upstream_data(self, data: bytes) -> None:
+        try:
+            chunk, messages = self.server_framer.feed(data)
+        except wire.ProtocolError as exc:
+            log.error("upstream protocol error in session %s: %s", self.id, exc)
+            self.upstream_lost(exc)
+            return
+        if not messages:
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        if self.substitutions:
+            self._relay_substituting(chunk, messages)
+            return
+        for kind, start, end in messages:
+            if kind in _WATCH:
+                self._server_event(kind, chunk, start, end)
+        self.bytes_out += len(chunk)
+        transport.write(chunk)
+
+    def _server_event(self, kind: int, chunk: bytes | memoryview, start: int, end: int) -> None:
+        if kind == _Z:
+            if self.cycles:
+                self.cycles.popleft()
+            self.tracker.ready()
+            status = bytes(chunk[end - 1 : end])
+            self.tx_status = status
+            if status == b"I":
+                self.tracker.transaction_ended()
+            if not self.cycles and self.phase in (Phase.IN_QUERY, Phase.IN_COPY):
+                self.phase = advance(self.phase, "idle")
+        elif kind == _PARSE_OK:
+            self.tracker.parse_complete()
+        elif kind == _BIND_OK:
+            self.tracker.bind_complete()
+        elif kind == _ERR:
+            self.tracker.error()
+        elif self.phase is Phase.IN_QUERY:  # CopyIn/CopyOut/CopyBoth response
+            self.phase = advance(self.phase, "copy")
+
+    def _relay_substituting(self, chunk: bytes | memoryview, messages: list[tuple[int, int, int]]
+                            ) -> None:
+        out: list[bytes | memoryview] = []
+        for kind, start, end in messages:
+            current = self.cycles[0] if self.cycles else None
+            if current is None:
+                if kind in _WATCH:
+                    self._server_event(kind, chunk, start, end)
+                out.append(chunk[start:end])
+                continue
+            # the current cycle answers a poison: drop it, keep async messages
+            if kind == _Z:
+                out.append(wire.error_response(
+                    current.sqlstate or sqlstate.POLICY_DENIED, current.message,
+                    detail=current.detail, hint=current.hint,
+                ))
+                out.append(chunk[start:end])
+                self.substitutions -= 1
+                self._server_event(kind, chunk, start, end)
+            elif kind in _KEEP_WHEN_SWALLOWING:
+                out.append(chunk[start:end])
+            elif kind == _ERR:
+                self.tracker.error()
+        data = b"".join(out)
+        self.bytes_out += len(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    # ------------------------------------------------------------------ closing
+    def _fatal(self, code: str, message: str, hint: str | None = None) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.error_response(code, message, severity="FATAL", hint=hint))
+        self._close()
+
+    def terminate(self, code: str, message: str) -> None:
+        """Server-initiated end (drain timeout, revoked access)."""
+        self._fatal(code, message)
+
+    def _close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.transport is not None:
+            self.transport.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        was_open = self.info is not None
+        self.phase = Phase.CLOSED
+        if self.upstream is not None:
+            self.upstream.close()
+        self.server.session_ended(self)
+        if was_open:
+            assert self.info is not None
+            log.info(
+                "session closed id=%s user=%s resource=%s account=%s duration=%.3fs "
+                "bytes_in=%d bytes_out=%d allowed=%d denied=%d",
+                self.id, self.info.user, self.info.resource, self.info.account,
+                time.time() - self.opened, self.bytes_in, self.bytes_out,
+                self.decisions.get("allow", 0), self.decisions.get("deny", 0),
+            )

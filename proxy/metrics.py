@@ -1,0 +1,73 @@
+"""Prometheus metrics for the proxy.
+
+Owns: the registry and the metric names. Hot-path counters (bytes,
+statements) live as plain integers on each session and are summed here at
+scrape time, so the relay never takes a lock per message; rare events
+(connects, auth failures) use ordinary prometheus-client metrics.
+
+Must not: serve HTTP (``proxy.api`` does) or hold references that keep
+closed sessions alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class Totals(Protocol):
+    def live_totals(self) -> tuple[int, int, int, int, dict[str, int]]:
+        """(active sessions, total sessions, bytes in, bytes out, decisions by action)."""
+        ...
+
+
+class _SessionCollector(Collector):
+    def __init__(self, source: Callable[[], tuple[int, int, int, int, dict[str, int]]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        active, total, bytes_in, bytes_out, decisions = self._source()
+        yield GaugeMetricFamily(
+            "pgvouch_client_connections_active", "Client sessions currently open", value=active
+        )
+        yield CounterMetricFamily(
+            "pgvouch_client_connections", "Client connections accepted", value=total
+        )
+        yield CounterMetricFamily(
+            "pgvouch_client_received_bytes", "Bytes received from clients", value=bytes_in
+        )
+        yield CounterMetricFamily(
+            "pgvouch_client_sent_bytes", "Bytes sent to clients", value=bytes_out
+        )
+        statements = CounterMetricFamily(
+            "pgvouch_statements", "Statement units by decision", labels=["decision"]
+        )
+        for action in sorted(set(decisions) | {"allow", "deny"}):
+            statements.add_metric([action], decisions.get(action, 0))
+        yield statements
+
+
+class ProxyMetrics:
+    def __init__(self, totals: Totals) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_SessionCollector(totals.live_totals))
+        self.auth_failures = Counter(
+            "pgvouch_auth_failures", "Client authentication failures", ["reason"],
+            registry=self.registry,
+        )
+        self.upstream_connect_seconds = Histogram(
+            "pgvouch_upstream_connect_seconds", "Time to connect and log in upstream",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.upstream_connect_failures = Counter(
+            "pgvouch_upstream_connect_failures", "Failed upstream logins", registry=self.registry
+        )
+        self.policy_reloads = Counter(
+            "pgvouch_policy_reloads", "Policy reloads by result", ["result"],
+            registry=self.registry,
+        )

@@ -1,0 +1,160 @@
+"""The listener: accepts clients, keeps the session registry, drains on shutdown.
+
+Owns: the listening socket (optionally TLS-capable), the connection limit,
+the proxy's own cancel keys (each session gets a random pid/secret that maps
+to its upstream backend, so a client can cancel without ever learning the
+upstream key), graceful drain, and the counters the metrics read.
+
+Must not: handle protocol messages (``proxy.client`` does) or evaluate
+policies (the decider does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import ssl
+import time
+
+from config.settings import Settings
+from proxy import sqlstate
+from proxy.client import ClientSession
+from proxy.decide import AllowAll, Decider
+from proxy.metrics import ProxyMetrics
+from proxy.upstream import send_cancel
+
+log = logging.getLogger("pgvouch.server")
+
+
+def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if settings.tls is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(settings.tls.cert_file, settings.tls.key_file)
+    return ctx
+
+
+class ProxyServer:
+    def __init__(self, settings: Settings, decider: Decider | None = None) -> None:
+        self.settings = settings
+        self.decider: Decider = decider or AllowAll()
+        self.ssl_context = server_ssl_context(settings)
+        self.server_secret = secrets.token_bytes(32)
+        self.sessions: set[ClientSession] = set()
+        self.by_key: dict[int, ClientSession] = {}
+        self.listener: asyncio.Server | None = None
+        self.draining = False
+        self.started_at = time.time()
+        self._total = 0
+        self._closed_bytes_in = 0
+        self._closed_bytes_out = 0
+        self._closed_decisions: dict[str, int] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.metrics = ProxyMetrics(self)
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(
+            lambda: ClientSession(self),
+            self.settings.listen.host,
+            self.settings.listen.port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        log.info("listening on %s", ", ".join(self.addresses()))
+
+    def addresses(self) -> list[str]:
+        if self.listener is None:
+            return []
+        return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.listener.sockets]
+
+    @property
+    def port(self) -> int:
+        assert self.listener is not None
+        return int(self.listener.sockets[0].getsockname()[1])
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting; let sessions finish up to ``timeout``; then end them."""
+        self.draining = True
+        if self.listener is not None:
+            self.listener.close()
+        limit = self.settings.limits.drain_timeout if timeout is None else timeout
+        if self.sessions:
+            log.info("draining: waiting up to %.0fs for %d session(s)", limit, len(self.sessions))
+            try:
+                await asyncio.wait_for(self._idle.wait(), limit)
+            except TimeoutError:
+                for session in list(self.sessions):
+                    session.terminate(
+                        sqlstate.ADMIN_SHUTDOWN,
+                        "terminating connection due to administrator command (pgvouch shutdown)",
+                    )
+        if self.listener is not None:
+            await self.listener.wait_closed()
+
+    # -- registry ----------------------------------------------------------------
+    def session_started(self, session: ClientSession) -> None:
+        self.sessions.add(session)
+        self._total += 1
+        self._idle.clear()
+
+    def session_ended(self, session: ClientSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self._closed_bytes_in += session.bytes_in
+            self._closed_bytes_out += session.bytes_out
+            for action, count in session.decisions.items():
+                self._closed_decisions[action] = self._closed_decisions.get(action, 0) + count
+        if self.by_key.get(session.key_pid) is session:
+            del self.by_key[session.key_pid]
+        if not self.sessions:
+            self._idle.set()
+
+    def at_capacity(self, session: ClientSession) -> bool:
+        if self.draining:
+            return True
+        return len(self.sessions) > self.settings.limits.max_client_connections
+
+    def register_key(self, session: ClientSession) -> tuple[int, bytes]:
+        while True:
+            pid = secrets.randbelow(2**31 - 2) + 1
+            if pid not in self.by_key:
+                break
+        self.by_key[pid] = session
+        return pid, secrets.token_bytes(4)
+
+    async def cancel(self, pid: int, secret: bytes) -> None:
+        session = self.by_key.get(pid)
+        if session is None or not hmac.compare_digest(session.key_secret, secret):
+            log.info("cancel request with an unknown key ignored")
+            return
+        target = session.target
+        if target is None or not session.backend_pid:
+            return
+        log.info("cancel request for session %s", session.id)
+        await send_cancel(target.resource, session.backend_pid, session.backend_secret)
+
+    # -- metrics ---------------------------------------------------------------
+    def live_totals(self) -> tuple[int, int, int, int, dict[str, int]]:
+        bytes_in, bytes_out = self._closed_bytes_in, self._closed_bytes_out
+        decisions = dict(self._closed_decisions)
+        for session in self.sessions:
+            bytes_in += session.bytes_in
+            bytes_out += session.bytes_out
+            for action, count in session.decisions.items():
+                decisions[action] = decisions.get(action, 0) + count
+        return len(self.sessions), self._total, bytes_in, bytes_out, decisions
+
+    def metrics_auth_failure(self, reason: str) -> None:
+        self.metrics.auth_failures.labels(reason).inc()
+
+    def metrics_upstream_connected(self, seconds: float) -> None:
+        self.metrics.upstream_connect_seconds.observe(seconds)
+
+    def metrics_upstream_failure(self) -> None:
+        self.metrics.upstream_connect_failures.inc()

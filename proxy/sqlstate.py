@@ -1,0 +1,44 @@
+"""Every SQLSTATE the proxy itself sends, in one place.
+
+Owns: the codes and their meaning; the README's table is written from this
+module. Errors that come from the upstream server are relayed untouched.
+
+Must not: format messages or decide anything.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+INVALID_PASSWORD: Final = "28P01"  # wrong password, or unknown user (indistinguishable)
+NOT_AUTHORIZED: Final = "28000"  # user may not use this account / startup option refused
+UNKNOWN_RESOURCE: Final = "3D000"  # dbname names no configured resource
+UNKNOWN_ACCOUNT: Final = "3D000"  # RESOURCE/ACCOUNT names no account of that resource
+TOO_MANY_CONNECTIONS: Final = "53300"  # max_client_connections reached
+PROTOCOL_VIOLATION: Final = "08P01"  # malformed or unexpected protocol message
+UPSTREAM_UNAVAILABLE: Final = "08001"  # cannot connect / authenticate to the upstream server
+CONNECTION_FAILURE: Final = "08006"  # upstream connection lost mid-session
+ADMIN_SHUTDOWN: Final = "57P01"  # proxy shutting down (drain timeout reached)
+FEATURE_NOT_SUPPORTED: Final = "0A000"  # e.g. replication connections through the proxy
+POLICY_DENIED: Final = "42501"  # a policy denies the statement
+APPROVAL_REQUIRED: Final = "PV001"  # the statement needs approval (held or refused)
+INTERNAL_ERROR: Final = "XX000"  # the proxy failed; the statement was NOT forwarded
+
+DOCUMENTED: Final = {
+    INVALID_PASSWORD: "Password authentication failed (wrong password or unknown user).",
+    NOT_AUTHORIZED: "The user may not use the requested account, or sent a startup "
+    "option the proxy refuses (role, session_authorization, replication).",
+    UNKNOWN_RESOURCE: "The dbname names no configured resource, or RESOURCE/ACCOUNT "
+    "names no account of that resource.",
+    TOO_MANY_CONNECTIONS: "limits.max_client_connections is reached.",
+    PROTOCOL_VIOLATION: "The client sent a malformed or unexpected protocol message; "
+    "the connection is closed.",
+    UPSTREAM_UNAVAILABLE: "The proxy could not connect or log in to the upstream server "
+    "(timeout, refused, TLS or authentication failure).",
+    CONNECTION_FAILURE: "The upstream connection was lost during the session.",
+    ADMIN_SHUTDOWN: "The proxy is shutting down and the drain timeout ran out.",
+    FEATURE_NOT_SUPPORTED: "Replication connections are not supported through the proxy.",
+    POLICY_DENIED: "A policy denies the statement; the message names the policy.",
+    APPROVAL_REQUIRED: "The statement needs human approval.",
+    INTERNAL_ERROR: "The proxy hit an internal error; the statement was not forwarded.",
+}

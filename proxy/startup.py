@@ -1,0 +1,177 @@
+"""From a client's StartupMessage to (user, resource, account, upstream params).
+
+Owns: reading ``dbname`` as ``RESOURCE`` or ``RESOURCE/ACCOUNT``, the
+``options`` string (``-c name=value`` / ``--name=value``, with PostgreSQL's
+backslash escapes), the ``pgvouch.*`` settings it may carry, and the list of
+startup parameters that are forwarded upstream.
+
+Security: startup parameters are a way around statement classification
+(``options=-c role=admin`` is a SET ROLE nobody sees), so only ordinary
+settings pass; ``role``, ``session_authorization`` and replication are
+refused outright.
+
+Must not: authenticate or do I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from config.settings import Account, Resource, Settings
+from proxy import sqlstate
+
+# Startup parameters that are never forwarded as-is.
+_HANDLED = {"user", "database", "options", "replication"}
+# Settings that change who the session is: a privilege change in disguise.
+REFUSED_SETTINGS = frozenset({"role", "session_authorization"})
+PGVOUCH_SETTINGS = frozenset({"pgvouch.account", "pgvouch.hold"})
+
+
+class StartupRefused(Exception):
+    def __init__(self, code: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hint = hint
+
+
+@dataclass(frozen=True)
+class Target:
+    user: str
+    resource: Resource
+    account: Account
+    upstream_params: dict[str, str]
+    pgvouch: dict[str, str] = field(default_factory=dict)
+
+
+def split_options(options: str) -> list[str]:
+    """Split like PostgreSQL's pg_split_opts: whitespace separates, backslash escapes."""
+    words: list[str] = []
+    current: list[str] = []
+    escaped = False
+    in_word = False
+    for ch in options:
+        if escaped:
+            current.append(ch)
+            escaped = False
+            in_word = True
+        elif ch == "\\":
+            escaped = True
+            in_word = True
+        elif ch.isspace():
+            if in_word:
+                words.append("".join(current))
+                current = []
+                in_word = False
+        else:
+            current.append(ch)
+            in_word = True
+    if in_word:
+        words.append("".join(current))
+    return words
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """``-c a=b -c c=d --e=f`` → ``{"a": "b", "c": "d", "e": "f"}`` (names lowercased)."""
+    settings: dict[str, str] = {}
+    words = split_options(options)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "-c":
+            i += 1
+            if i >= len(words):
+                raise StartupRefused(sqlstate.PROTOCOL_VIOLATION, "options: -c needs name=value")
+            assignment = words[i]
+        elif word.startswith("-c"):
+            assignment = word[2:]
+        elif word.startswith("--"):
+            assignment = word[2:]
+        else:
+            raise StartupRefused(
+                sqlstate.NOT_AUTHORIZED,
+                f"options: unsupported switch {word!r} (only -c name=value is accepted)",
+            )
+        name, sep, value = assignment.partition("=")
+        if not sep or not name:
+            raise StartupRefused(sqlstate.PROTOCOL_VIOLATION, f"options: {assignment!r} is not name=value")
+        settings[name.strip().lower().replace("-", "_")] = value
+        i += 1
+    return settings
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
+def resolve(settings: Settings, params: dict[str, str]) -> Target:
+    """Validate a startup packet's parameters against the configuration."""
+    user = params.get("user", "")
+    if not user:
+        raise StartupRefused(sqlstate.NOT_AUTHORIZED, "no user name given in the startup packet")
+    if params.get("replication", "false").lower() not in ("false", "0", "off", "no"):
+        raise StartupRefused(
+            sqlstate.FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported through pgvouch",
+        )
+    options = parse_options(params.get("options", ""))
+    pgvouch = {k: v for k, v in options.items() if k.startswith("pgvouch.")}
+    for name in pgvouch:
+        if name not in PGVOUCH_SETTINGS:
+            raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"unknown pgvouch setting {name!r}")
+    for name in options:
+        if name in REFUSED_SETTINGS:
+            raise StartupRefused(
+                sqlstate.NOT_AUTHORIZED,
+                f"setting {name!r} at connection time is not allowed through pgvouch",
+                hint="Choose a different account (dbname=RESOURCE/ACCOUNT) instead.",
+            )
+        if name in _HANDLED:
+            raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"setting {name!r} is not allowed in options")
+    if "pgvouch.hold" in pgvouch and pgvouch["pgvouch.hold"] not in ("wait", "retry"):
+        raise StartupRefused(sqlstate.NOT_AUTHORIZED, "pgvouch.hold must be wait or retry")
+
+    dbname = params.get("database") or user
+    resource_name, _, account_name = dbname.partition("/")
+    resource = settings.resources.get(resource_name)
+    if resource is None:
+        raise StartupRefused(
+            sqlstate.UNKNOWN_RESOURCE, f'resource "{resource_name}" does not exist',
+            hint="dbname must be RESOURCE or RESOURCE/ACCOUNT; ask your DBA for the names.",
+        )
+    if "pgvouch.account" in pgvouch:
+        if account_name and account_name != pgvouch["pgvouch.account"]:
+            raise StartupRefused(
+                sqlstate.NOT_AUTHORIZED, "dbname and pgvouch.account name different accounts"
+            )
+        account_name = pgvouch["pgvouch.account"]
+    account = resource.accounts.get(account_name or resource.default_account)
+    if account is None:
+        raise StartupRefused(
+            sqlstate.UNKNOWN_ACCOUNT,
+            f'account "{account_name}" does not exist on resource "{resource.name}"',
+        )
+    if account.allow is not None and not may_use(settings, user, account):
+        raise StartupRefused(
+            sqlstate.NOT_AUTHORIZED,
+            f'user "{user}" may not use account "{account.name}" on resource "{resource.name}"',
+        )
+    upstream = {
+        k: v for k, v in params.items() if k not in _HANDLED and not k.startswith("_pq_.")
+    }
+    forwarded = {k: v for k, v in options.items() if not k.startswith("pgvouch.")}
+    if forwarded:
+        upstream["options"] = " ".join(f"-c {k}={_escape(v)}" for k, v in forwarded.items())
+    return Target(user, resource, account, upstream, pgvouch)
+
+
+def may_use(settings: Settings, user: str, account: Account) -> bool:
+    if account.allow is None:
+        return True
+    groups = settings.groups_of(user)
+    for entry in account.allow:
+        if entry.startswith("group:"):
+            if entry[6:] in groups:
+                return True
+        elif entry == user:
+            return True
+    return False

@@ -1,0 +1,478 @@
+"""PostgreSQL protocol 3.0 framing and the few encoders and decoders we need.
+
+Owns: splitting byte streams into messages, decoding the startup packet and
+the handful of message types the proxy inspects, and encoding the messages
+the proxy originates (errors, notices, authentication, ready-for-query).
+
+Must not: do I/O, keep session state, or look at SQL. Everything here is a
+pure function of bytes, so every edge case is testable with byte strings.
+Bytes the proxy does not need to inspect are never decoded: the framer hands
+back offsets into the chunk it was fed, and the caller forwards the very
+same bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PROTOCOL_3_0 = 196608  # (3 << 16) | 0
+SSL_REQUEST = 80877103
+GSSENC_REQUEST = 80877104
+CANCEL_REQUEST = 80877102
+
+MAX_STARTUP_SIZE = 10_000  # PostgreSQL itself caps the startup packet at 10000 bytes
+
+_I32 = struct.Struct("!i")
+_HEADER = struct.Struct("!Bi")
+_unpack_header = _HEADER.unpack_from
+_unpack_i32 = _I32.unpack_from
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol. ``remote`` names which side did."""
+
+    def __init__(self, message: str, *, remote: str = "client") -> None:
+        super().__init__(message)
+        self.remote = remote
+
+
+# --------------------------------------------------------------------------
+# framing
+# --------------------------------------------------------------------------
+class Framer:
+    """Incremental splitter for typed messages (``Byte1 type, Int32 length``).
+
+    ``feed(data)`` returns ``(chunk, messages)``: ``chunk`` is a bytes-like
+    object holding only complete messages and ``messages`` lists them as
+    ``(type, start, end)`` offsets into ``chunk`` (``start`` is the type byte,
+    ``end`` is exclusive). An incomplete tail is kept for the next call. A
+    length below 4 or above ``max_size`` raises :class:`ProtocolError`
+    before anything is allocated from it.
+    """
+
+    __slots__ = ("_buf", "_need", "max_size", "remote")
+
+    def __init__(self, max_size: int, remote: str = "client") -> None:
+        self.max_size = max_size
+        self.remote = remote
+        self._buf = bytearray()
+        self._need = 0  # bytes needed to complete the buffered message, when known
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> tuple[bytes | memoryview, list[tuple[int, int, int]]]:
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return b"", []
+            data = bytes(buf)
+            buf.clear()
+            self._need = 0
+        n = len(data)
+        pos = 0
+        messages: list[tuple[int, int, int]] = []
+        append = messages.append
+        limit = self.max_size
+        while n - pos >= 5:
+            kind, length = _unpack_header(data, pos)
+            if length < 4 or length > limit:
+                raise ProtocolError(
+                    f"invalid message length {length} for message type {chr(kind)!r}",
+                    remote=self.remote,
+                )
+            end = pos + 1 + length
+            if end > n:
+                self._need = end - pos
+                break
+            append((kind, pos, end))
+            pos = end
+        if pos == n:
+            return data, messages
+        buf += memoryview(data)[pos:]
+        return memoryview(data)[:pos], messages
+
+
+class StartupFramer:
+    """Splits untyped startup-phase packets (``Int32 length`` then payload)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Return one complete packet (payload after the length) or None."""
+        self._buf += data
+        if len(self._buf) < 4:
+            return None
+        (length,) = _unpack_i32(self._buf, 0)
+        if length < 8 or length > MAX_STARTUP_SIZE:
+            raise ProtocolError(f"invalid startup packet length {length}")
+        if len(self._buf) < length:
+            return None
+        packet = bytes(self._buf[4:length])
+        del self._buf[:length]
+        return packet
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+
+# --------------------------------------------------------------------------
+# startup phase
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StartupMessage:
+    version: int
+    params: dict[str, str]
+
+    @property
+    def minor(self) -> int:
+        return self.version & 0xFFFF
+
+    @property
+    def protocol_options(self) -> list[str]:
+        return [name for name in self.params if name.startswith("_pq_.")]
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    pid: int
+    secret: bytes
+
+
+@dataclass(frozen=True)
+class SpecialRequest:
+    code: int  # SSL_REQUEST or GSSENC_REQUEST
+
+
+def decode_startup_packet(payload: bytes) -> StartupMessage | CancelRequest | SpecialRequest:
+    """Decode a startup-phase packet (the bytes after its length word)."""
+    if len(payload) < 4:
+        raise ProtocolError("startup packet too short")
+    (code,) = _unpack_i32(payload, 0)
+    if code in (SSL_REQUEST, GSSENC_REQUEST):
+        if len(payload) != 4:
+            raise ProtocolError("malformed SSL/GSS request")
+        return SpecialRequest(code)
+    if code == CANCEL_REQUEST:
+        if len(payload) < 12 or len(payload) > 4 + 4 + 256:
+            raise ProtocolError("malformed cancel request")
+        (pid,) = _unpack_i32(payload, 4)
+        return CancelRequest(pid, bytes(payload[8:]))
+    if code >> 16 != 3:
+        raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+    body = payload[4:]
+    if not body.endswith(b"\x00"):
+        raise ProtocolError("startup packet is not terminated")
+    parts = body[:-1].split(b"\x00")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if len(parts) % 2:
+        raise ProtocolError("startup packet has a parameter without a value")
+    params: dict[str, str] = {}
+    try:
+        for i in range(0, len(parts), 2):
+            params[parts[i].decode("utf-8")] = parts[i + 1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("startup packet is not valid UTF-8") from None
+    if "" in params:
+        raise ProtocolError("startup packet has an empty parameter name")
+    return StartupMessage(code, params)
+
+
+def encode_startup(params: dict[str, str]) -> bytes:
+    body = _I32.pack(PROTOCOL_3_0) + b"".join(
+        k.encode() + b"\x00" + v.encode() + b"\x00" for k, v in params.items()
+    ) + b"\x00"
+    return _I32.pack(len(body) + 4) + body
+
+
+def encode_ssl_request() -> bytes:
+    return _I32.pack(8) + _I32.pack(SSL_REQUEST)
+
+
+def encode_cancel_request(pid: int, secret: bytes) -> bytes:
+    body = _I32.pack(CANCEL_REQUEST) + _I32.pack(pid) + secret
+    return _I32.pack(len(body) + 4) + body
+
+
+# --------------------------------------------------------------------------
+# encoders for messages the proxy originates
+# --------------------------------------------------------------------------
+def message(kind: bytes, body: bytes = b"") -> bytes:
+    return kind + _I32.pack(len(body) + 4) + body
+
+
+def cstr(text: str) -> bytes:
+    return text.replace("\x00", "").encode("utf-8") + b"\x00"
+
+
+def _fields(severity: str, code: str, text: str, detail: str | None, hint: str | None) -> bytes:
+    body = b"S" + cstr(severity) + b"V" + cstr(severity) + b"C" + cstr(code) + b"M" + cstr(text)
+    if detail:
+        body += b"D" + cstr(detail)
+    if hint:
+        body += b"H" + cstr(hint)
+    return body + b"\x00"
+
+
+def error_response(
+    code: str, text: str, *, severity: str = "ERROR", detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    return message(b"E", _fields(severity, code, text, detail, hint))
+
+
+def notice_response(
+    text: str, *, code: str = "00000", severity: str = "NOTICE", detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    return message(b"N", _fields(severity, code, text, detail, hint))
+
+
+def ready_for_query(status: bytes = b"I") -> bytes:
+    return message(b"Z", status)
+
+
+def auth_ok() -> bytes:
+    return message(b"R", _I32.pack(0))
+
+
+def auth_sasl(mechanisms: list[str]) -> bytes:
+    return message(b"R", _I32.pack(10) + b"".join(cstr(m) for m in mechanisms) + b"\x00")
+
+
+def auth_sasl_continue(data: bytes) -> bytes:
+    return message(b"R", _I32.pack(11) + data)
+
+
+def auth_sasl_final(data: bytes) -> bytes:
+    return message(b"R", _I32.pack(12) + data)
+
+
+def auth_cleartext_request() -> bytes:
+    return message(b"R", _I32.pack(3))
+
+
+def backend_key_data(pid: int, secret: bytes) -> bytes:
+    return message(b"K", _I32.pack(pid) + secret)
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return message(b"S", cstr(name) + cstr(value))
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: list[str]) -> bytes:
+    body = _I32.pack(PROTOCOL_3_0 | newest_minor) + _I32.pack(len(unsupported))
+    return message(b"v", body + b"".join(cstr(o) for o in unsupported))
+
+
+def query(sql: str) -> bytes:
+    return message(b"Q", cstr(sql))
+
+
+def password_message(data: bytes) -> bytes:
+    return message(b"p", data)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
+
+
+TERMINATE = message(b"X")
+SYNC = message(b"S")
+
+
+def row_description(columns: list[str]) -> bytes:
+    """Text columns of type ``text`` (OID 25), for rows the proxy answers itself."""
+    body = struct.pack("!h", len(columns))
+    for name in columns:
+        body += cstr(name) + struct.pack("!ihihih", 0, 0, 25, -1, -1, 0)
+    return message(b"T", body)
+
+
+def data_row(values: list[str | None]) -> bytes:
+    body = struct.pack("!h", len(values))
+    for value in values:
+        if value is None:
+            body += _I32.pack(-1)
+        else:
+            raw = value.encode("utf-8")
+            body += _I32.pack(len(raw)) + raw
+    return message(b"D", body)
+
+
+def command_complete(tag: str) -> bytes:
+    return message(b"C", cstr(tag))
+
+
+# --------------------------------------------------------------------------
+# decoders for messages the proxy inspects
+# --------------------------------------------------------------------------
+class Reader:
+    """A cursor over one message body; every read is bounds-checked."""
+
+    __slots__ = ("data", "end", "pos", "remote")
+
+    def __init__(self, data: bytes, remote: str = "client") -> None:
+        self.data = data
+        self.pos = 0
+        self.end = len(data)
+        self.remote = remote
+
+    def _fail(self, what: str) -> ProtocolError:
+        return ProtocolError(f"truncated message while reading {what}", remote=self.remote)
+
+    def int32(self) -> int:
+        if self.pos + 4 > self.end:
+            raise self._fail("an Int32")
+        (value,) = _unpack_i32(self.data, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def int16(self) -> int:
+        if self.pos + 2 > self.end:
+            raise self._fail("an Int16")
+        value = int.from_bytes(self.data[self.pos : self.pos + 2], "big", signed=True)
+        self.pos += 2
+        return value
+
+    def byte(self) -> int:
+        if self.pos >= self.end:
+            raise self._fail("a byte")
+        value = self.data[self.pos]
+        self.pos += 1
+        return value
+
+    def bytes(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.end:
+            raise self._fail(f"{n} bytes")
+        value = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return value
+
+    def cstring(self) -> str:
+        end = self.data.find(b"\x00", self.pos)
+        if end < 0:
+            raise self._fail("a string")
+        raw = self.data[self.pos : end]
+        self.pos = end + 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError("string is not valid UTF-8", remote=self.remote) from None
+
+    def rest(self) -> bytes:
+        value = self.data[self.pos :]
+        self.pos = self.end
+        return value
+
+    def done(self) -> None:
+        if self.pos != self.end:
+            raise ProtocolError("trailing bytes in message", remote=self.remote)
+
+
+def body_reader(chunk: bytes | memoryview, start: int, end: int, remote: str = "client") -> Reader:
+    """A :class:`Reader` over the body of the message at ``chunk[start:end]``."""
+    return Reader(bytes(chunk[start + 5 : end]), remote)
+
+
+def decode_query(chunk: bytes | memoryview, start: int, end: int) -> str:
+    r = body_reader(chunk, start, end)
+    text = r.cstring()
+    r.done()
+    return text
+
+
+@dataclass(frozen=True)
+class Parse:
+    name: str
+    sql: str
+    param_types: tuple[int, ...]
+
+
+def decode_parse(chunk: bytes | memoryview, start: int, end: int) -> Parse:
+    r = body_reader(chunk, start, end)
+    name = r.cstring()
+    sql = r.cstring()
+    count = r.int16()
+    if count < 0:
+        raise ProtocolError("negative parameter count in Parse")
+    types = tuple(r.int32() for _ in range(count))
+    r.done()
+    return Parse(name, sql, types)
+
+
+@dataclass(frozen=True)
+class Bind:
+    portal: str
+    statement: str
+    param_formats: tuple[int, ...]
+    params: tuple[bytes | None, ...]
+
+
+def decode_bind(chunk: bytes | memoryview, start: int, end: int) -> Bind:
+    r = body_reader(chunk, start, end)
+    portal = r.cstring()
+    statement = r.cstring()
+    nfmt = r.int16()
+    if nfmt < 0:
+        raise ProtocolError("negative format count in Bind")
+    formats = tuple(r.int16() for _ in range(nfmt))
+    nparams = r.int16()
+    if nparams < 0:
+        raise ProtocolError("negative parameter count in Bind")
+    params: list[bytes | None] = []
+    for _ in range(nparams):
+        length = r.int32()
+        params.append(None if length == -1 else r.bytes(length))
+    nres = r.int16()
+    if nres < 0:
+        raise ProtocolError("negative result format count in Bind")
+    for _ in range(nres):
+        r.int16()
+    r.done()
+    return Bind(portal, statement, formats, tuple(params))
+
+
+def decode_target(chunk: bytes | memoryview, start: int, end: int) -> tuple[str, str]:
+    """Describe and Close: (``S`` or ``P``, name)."""
+    r = body_reader(chunk, start, end)
+    which = r.byte()
+    if which not in (0x53, 0x50):
+        raise ProtocolError(f"invalid Describe/Close target {which!r}")
+    name = r.cstring()
+    r.done()
+    return chr(which), name
+
+
+def decode_execute(chunk: bytes | memoryview, start: int, end: int) -> str:
+    r = body_reader(chunk, start, end)
+    portal = r.cstring()
+    r.int32()
+    r.done()
+    return portal
+
+
+def decode_error_fields(chunk: bytes | memoryview, start: int, end: int) -> dict[str, str]:
+    """ErrorResponse / NoticeResponse fields keyed by their one-letter code."""
+    r = body_reader(chunk, start, end, remote="server")
+    fields: dict[str, str] = {}
+    while True:
+        code = r.byte()
+        if code == 0:
+            break
+        fields[chr(code)] = r.cstring()
+    return fields
+
+
+def decode_parameter_status(chunk: bytes | memoryview, start: int, end: int) -> tuple[str, str]:
+    r = body_reader(chunk, start, end, remote="server")
+    return r.cstring(), r.cstring()
