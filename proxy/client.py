@@ -27,7 +27,7 @@ import secrets
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from proxy import scram, sqlstate, wire
 from proxy.decide import ALLOW, Decision, SessionInfo, Statement, Unit, deny
@@ -119,8 +119,7 @@ class ClientSession(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
@@ -240,8 +239,7 @@ class ClientSession(asyncio.Protocol):
                     tls = await loop.start_tls(
                         self.transport, self, self.server.ssl_context, server_side=True
                     )
-                    assert isinstance(tls, asyncio.Transport)
-                    self.transport = tls
+                    self.transport = cast(asyncio.Transport, tls)
                     self.tls = True
                     ssl_done = True
                 else:

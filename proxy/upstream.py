@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
+from typing import cast
 
 from config.settings import Account, Resource
 from config.yamlnodes import ConfigError
@@ -56,8 +57,7 @@ class UpstreamProtocol(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -217,9 +217,8 @@ async def _connect(
                 transport, protocol, _ssl_context(resource),
                 server_hostname=resource.host if resource.sslmode == "verify-full" else None,
             )
-            assert isinstance(tls, asyncio.Transport)
-            transport = tls
-            protocol.transport = tls
+            transport = cast(asyncio.Transport, tls)
+            protocol.transport = transport
         startup = {"user": account.user, "database": resource.database, **params}
         transport.write(wire.encode_startup(startup))
         upstream = Upstream(protocol)

@@ -124,7 +124,7 @@ _VERIFIERS = {name: scram.make_verifier(pw).encode() for name, pw in PASSWORDS.i
 
 def config_yaml(pg: PgServer, *, port: int, api_port: int, extra: str = "",
                 client_auth: str = "scram", accounts: str | None = None,
-                resource_extra: str = "") -> str:
+                resource_extra: str = "", upstream_port: int | None = None) -> str:
     users = "\n".join(
         f"  - name: {name}\n    groups: [{', '.join(GROUPS[name])}]\n"
         f"    password_verifier: \"{_VERIFIERS[name]}\""
@@ -156,7 +156,7 @@ def config_yaml(pg: PgServer, *, port: int, api_port: int, extra: str = "",
         f"resources:\n"
         f"  - name: app\n"
         f"    host: {pg.host}\n"
-        f"    port: {pg.port}\n"
+        f"    port: {upstream_port or pg.port}\n"
         f"    database: {APP_DB}\n"
         f"    default_account: app\n"
         f"{resource_extra}"
@@ -179,7 +179,12 @@ class RunningProxy:
         from proxy.server import ProxyServer
 
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
+        try:  # the same event loop as `pgvouch serve` uses
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        except ImportError:
+            self.loop = asyncio.new_event_loop()
         self.server = ProxyServer(settings, decider)
         self._start_api = start_api
         self._runner: Any = None
@@ -205,7 +210,7 @@ class RunningProxy:
     def dsn(self, user: str = "alice", dbname: str = "app", **params: str) -> str:
         parts = [f"host=127.0.0.1 port={self.port} user={user} dbname={dbname}",
                  f"password={PASSWORDS.get(user, 'x')}", "sslmode=disable"]
-        parts += [f"{k}={v}" for k, v in params.items()]
+        parts += [f"{k}='{v}'" for k, v in params.items()]
         return " ".join(parts)
 
     def psql(self, *args: str, user: str = "alice", dbname: str = "app", input: str | None = None,
