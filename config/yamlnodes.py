@@ -10,6 +10,7 @@ describe what they expect with the small helpers below.
 
 from __future__ import annotations
 
+import builtins
 import fnmatch
 import re
 from collections.abc import Iterator
@@ -45,12 +46,12 @@ class Node:
     def is_null(self) -> bool:
         return isinstance(self.node, yaml.ScalarNode) and self.node.tag == "tag:yaml.org,2002:null"
 
-    def _scalar(self, what: str) -> str:
+    def _scalar(self, what: builtins.str) -> builtins.str:
         if not isinstance(self.node, yaml.ScalarNode):
             raise self.error(f"expected {what}")
-        return str(self.node.value)
+        return builtins.str(self.node.value)
 
-    def str(self, *, allow_empty: bool = False) -> str:
+    def str(self, *, allow_empty: builtins.bool = False) -> builtins.str:
         value = self._scalar("a string")
         if self.node.tag not in ("tag:yaml.org,2002:str", "tag:yaml.org,2002:int"):
             raise self.error(f"expected a string, got {value!r}")
@@ -58,7 +59,9 @@ class Node:
             raise self.error("must not be empty")
         return value
 
-    def int(self, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    def int(
+        self, *, minimum: builtins.int | None = None, maximum: builtins.int | None = None
+    ) -> builtins.int:
         value = self._scalar("an integer")
         if self.node.tag != "tag:yaml.org,2002:int":
             raise self.error(f"expected an integer, got {value!r}")
@@ -69,13 +72,13 @@ class Node:
             raise self.error(f"must be at most {maximum}")
         return number
 
-    def bool(self) -> bool:
+    def bool(self) -> builtins.bool:
         value = self._scalar("true or false")
         if self.node.tag != "tag:yaml.org,2002:bool":
             raise self.error(f"expected true or false, got {value!r}")
         return value.lower() in ("true", "yes", "on")
 
-    def choice(self, options: tuple[str, ...]) -> str:
+    def choice(self, options: tuple[builtins.str, ...]) -> builtins.str:
         value = self.str()
         if value not in options:
             raise self.error(f"must be one of {', '.join(options)} (got {value!r})")
@@ -95,12 +98,12 @@ class Node:
             raise self.error("expected a list")
         return [Node(child, self.file) for child in self.node.value]
 
-    def str_list(self, *, allow_scalar: bool = False) -> list[str]:
+    def str_list(self, *, allow_scalar: builtins.bool = False) -> list[builtins.str]:
         if allow_scalar and isinstance(self.node, yaml.ScalarNode):
             return [self.str()]
         return [item.str() for item in self.items()]
 
-    def mapping(self, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> Mapping:
+    def mapping(self, allowed: tuple[builtins.str, ...], required: tuple[builtins.str, ...] = ()) -> Mapping:
         if not isinstance(self.node, yaml.MappingNode):
             raise self.error("expected a mapping (key: value)")
         entries: dict[str, Node] = {}

@@ -78,12 +78,12 @@ class ProxyServer:
         assert self.listener is not None
         return int(self.listener.sockets[0].getsockname()[1])
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Stop accepting; let sessions finish up to ``timeout``; then end them."""
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting; let sessions finish up to ``grace`` seconds; then end them."""
         self.draining = True
         if self.listener is not None:
             self.listener.close()
-        limit = self.settings.limits.drain_timeout if timeout is None else timeout
+        limit = self.settings.limits.drain_timeout if grace is None else grace
         if self.sessions:
             log.info("draining: waiting up to %.0fs for %d session(s)", limit, len(self.sessions))
             try:

@@ -82,9 +82,7 @@ def parse_options(options: str) -> dict[str, str]:
             if i >= len(words):
                 raise StartupRefused(sqlstate.PROTOCOL_VIOLATION, "options: -c needs name=value")
             assignment = words[i]
-        elif word.startswith("-c"):
-            assignment = word[2:]
-        elif word.startswith("--"):
+        elif word.startswith("-c") or word.startswith("--"):
             assignment = word[2:]
         else:
             raise StartupRefused(

@@ -13,6 +13,7 @@ same bytes.
 
 from __future__ import annotations
 
+import builtins
 import struct
 from dataclasses import dataclass
 
@@ -351,7 +352,7 @@ class Reader:
         self.pos += 1
         return value
 
-    def bytes(self, n: int) -> bytes:
+    def bytes(self, n: int) -> builtins.bytes:
         if n < 0 or self.pos + n > self.end:
             raise self._fail(f"{n} bytes")
         value = self.data[self.pos : self.pos + n]
@@ -369,7 +370,7 @@ class Reader:
         except UnicodeDecodeError:
             raise ProtocolError("string is not valid UTF-8", remote=self.remote) from None
 
-    def rest(self) -> bytes:
+    def rest(self) -> builtins.bytes:
         value = self.data[self.pos :]
         self.pos = self.end
         return value

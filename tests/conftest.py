@@ -227,7 +227,7 @@ class RunningProxy:
 
     def stop(self) -> None:
         async def _stop() -> None:
-            await self.server.drain(timeout=2)
+            await self.server.drain(grace=2)
             if self._runner is not None:
                 await self._runner.cleanup()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy import scram
-from tests.conftest import PSQL, PASSWORDS, config_yaml, free_port
+from tests.conftest import PASSWORDS, PSQL, config_yaml, free_port
 
 PGVOUCH = [sys.executable, "-m", "proxy.cli"]
 
