@@ -148,3 +148,9 @@ def test_demo_runs_and_accepts_alice():
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+
+
+def test_example_config_is_valid():
+    example = Path(__file__).resolve().parents[2] / "config" / "pgvouch.example.yaml"
+    r = subprocess.run([*PGVOUCH, "config", "check", str(example)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,23 @@
+# syntax=docker/dockerfile:1
+# Build stage: install pgvouch and its dependencies into a virtualenv.
+FROM python:3.11-slim AS build
+RUN python -m venv /opt/pgvouch
+COPY pyproject.toml README.md /src/
+COPY proxy /src/proxy
+COPY policies /src/policies
+COPY approvals /src/approvals
+COPY config /src/config
+RUN /opt/pgvouch/bin/pip install --no-cache-dir /src
+
+# Runtime stage: the virtualenv only, running as an unprivileged user.
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgvouch
+COPY --from=build /opt/pgvouch /opt/pgvouch
+COPY config /etc/pgvouch
+ENV PATH=/opt/pgvouch/bin:$PATH
+USER pgvouch
+EXPOSE 6432 8432
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8432/healthz', timeout=2).status == 200 else 1)"
+ENTRYPOINT ["pgvouch", "serve"]
+CMD ["--config", "/etc/pgvouch/pgvouch.yaml"]
