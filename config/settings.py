@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from config.yamlnodes import ConfigError, Mapping, Node, load_file
+from proxy.scram import ScramError, parse_verifier
 
 log = logging.getLogger("pgvouch.config")
 
@@ -186,10 +187,14 @@ def _user(node: Node) -> User:
         ("name",),
     )
     verifier = m["password_verifier"].str() if "password_verifier" in m else None
-    if verifier is not None and not verifier.startswith("SCRAM-SHA-256$"):
-        raise m["password_verifier"].error(
-            "password_verifier must be a SCRAM-SHA-256 verifier (make one with `pgvouch user hash`)"
-        )
+    if verifier is not None:
+        try:
+            parse_verifier(verifier)
+        except ScramError:
+            raise m["password_verifier"].error(
+                "password_verifier must be a SCRAM-SHA-256 verifier "
+                "(make one with `pgvouch user hash`)"
+            ) from None
     token = m["api_token_sha256"].str() if "api_token_sha256" in m else None
     if token is not None and (len(token) != 64 or any(c not in "0123456789abcdef" for c in token)):
         raise m["api_token_sha256"].error("api_token_sha256 must be 64 lowercase hex digits")
@@ -222,8 +227,7 @@ def _limits(node: Node | None) -> Limits:
 
 
 TOP_KEYS = (
-    "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log",
-    "policies", "store", "hold", "audit", "notify", "preview",
+    "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log", "policies",
 )
 
 

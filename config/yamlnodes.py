@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import fnmatch
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,7 +66,10 @@ class Node:
         value = self._scalar("an integer")
         if self.node.tag != "tag:yaml.org,2002:int":
             raise self.error(f"expected an integer, got {value!r}")
-        number = int(value, 0)
+        try:
+            number = int(value.replace("_", ""), 0)
+        except ValueError:
+            raise self.error(f"expected a plain integer, got {value!r}") from None
         if minimum is not None and number < minimum:
             raise self.error(f"must be at least {minimum}")
         if maximum is not None and number > maximum:
@@ -185,8 +189,8 @@ def parse_duration(text: str) -> float:
     except ValueError:
         pass
     else:
-        if seconds < 0:
-            raise ValueError("a duration must not be negative")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"invalid duration {text!r}: must be a finite, non-negative number")
         return seconds
     pos = 0
     total = 0.0

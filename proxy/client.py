@@ -49,10 +49,8 @@ _Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = b"QPBDECSHFX"
 _BATCH = frozenset(b"PBDEC")
 _COPY = frozenset(b"dcf")
 # server message types the relay watches
-_Z, _PARSE_OK, _BIND_OK, _ERR, _NOTIFY, _PSTATUS, _COPY_IN, _COPY_OUT, _COPY_BOTH = (
-    b"Z12EASGHW"
-)
-_WATCH = frozenset(b"Z12EGHW")
+_Z, _PARSE_OK, _BIND_OK, _CLOSE_OK, _ERR = b"Z123E"
+_WATCH = frozenset(b"Z123EGHW")
 _KEEP_WHEN_SWALLOWING = frozenset(b"AS")
 
 # A statement the server always rejects at Parse time, so nothing is created
@@ -65,6 +63,7 @@ POISON = (
 )
 _SERVER_MAX_MESSAGE = (1 << 30) + (1 << 20)
 WRITE_HIGH_WATER = 256 * 1024
+BATCH_BUFFER_LIMIT = 8 * 1024 * 1024
 
 
 class Fatal(Exception):
@@ -107,7 +106,6 @@ class ClientSession(asyncio.Protocol):
         self.batch_mark = 0
         self.batch_buf = bytearray()
         self.batch_statements: list[Statement] = []
-        self.batch_closes: list[tuple[str, str]] = []
         self.skipping: Decision | None = None
         self.tx_status = b"I"
         # counters (summed by the metrics collector; no locks on the hot path)
@@ -213,10 +211,7 @@ class ClientSession(asyncio.Protocol):
             self._close()
 
     async def _read_packet(self) -> bytes:
-        header = await self.inbox.read_exactly(4)
-        (length,) = _I32.unpack(header)
-        if length < 8 or length > wire.MAX_STARTUP_SIZE:
-            raise wire.ProtocolError(f"invalid startup packet length {length}")
+        length = wire.startup_length(await self.inbox.read_exactly(4))
         return await self.inbox.read_exactly(length - 4)
 
     async def _read_startup(self) -> wire.StartupMessage | None:
@@ -409,9 +404,15 @@ class ClientSession(asyncio.Protocol):
             else:
                 raise wire.ProtocolError(f"invalid frontend message type {kind!r}")
         if self.batch_open:
-            self.batch_buf += chunk[fwd:]
-        else:
-            self._write_up(chunk, fwd, len(chunk))
+            if len(self.batch_buf) + len(chunk) - fwd <= BATCH_BUFFER_LIMIT:
+                self.batch_buf += chunk[fwd:]
+                return
+            # A client that never sends Sync or Flush must not make the proxy
+            # buffer without bound: decide on what came so far, as at a Flush.
+            fwd = self._close_batch(chunk, fwd, len(chunk))
+            if self.skipping is not None:
+                return
+        self._write_up(chunk, fwd, len(chunk))
 
     def _write_up(self, chunk: bytes | memoryview, start: int, end: int) -> None:
         if end > start:
@@ -432,7 +433,7 @@ class ClientSession(asyncio.Protocol):
         elif kind == _E:
             self.batch_statements.append(tracker.execute(wire.decode_execute(chunk, start, end)))
         elif kind == _C:
-            self.batch_closes.append(wire.decode_target(chunk, start, end))
+            tracker.close(*wire.decode_target(chunk, start, end))
         else:
             wire.decode_target(chunk, start, end)  # Describe: validate only
 
@@ -440,7 +441,6 @@ class ClientSession(asyncio.Protocol):
         """Decide on the open batch (its bytes are chunk[fwd:boundary] after batch_buf)."""
         self.batch_open = False
         statements, self.batch_statements = self.batch_statements, []
-        closes, self.batch_closes = self.batch_closes, []
         decision = self._decide(Unit(tuple(statements), extended=True)) if statements else ALLOW
         if decision.action == "allow":
             if self.batch_buf:
@@ -448,8 +448,6 @@ class ClientSession(asyncio.Protocol):
                 assert up is not None
                 up.write(bytes(self.batch_buf))
                 self.batch_buf.clear()
-            for which, name in closes:
-                self.tracker.close(which, name)
             self._write_up(chunk, fwd, boundary)
             return boundary
         self.batch_buf.clear()
@@ -507,6 +505,8 @@ class ClientSession(asyncio.Protocol):
             self.tracker.parse_complete()
         elif kind == _BIND_OK:
             self.tracker.bind_complete()
+        elif kind == _CLOSE_OK:
+            self.tracker.close_complete()
         elif kind == _ERR:
             self.tracker.error()
         elif self.phase is Phase.IN_QUERY:  # CopyIn/CopyOut/CopyBoth response

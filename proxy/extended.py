@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 from proxy.decide import Statement
 
@@ -32,9 +33,12 @@ class PreparedSql:
 
 @dataclass(slots=True)
 class _Op:
-    kind: str  # "P" (Parse) or "B" (Bind)
+    kind: str  # "P" (Parse), "B" (Bind) or "C" (Close: name is "S..." or "P...")
     name: str
     value: PreparedSql | Statement | None
+
+
+_V = TypeVar("_V", PreparedSql, Statement | None)
 
 
 class ExtendedTracker:
@@ -45,48 +49,45 @@ class ExtendedTracker:
     def __init__(self) -> None:
         self.statements: dict[str, PreparedSql] = {}
         self.portals: dict[str, Statement | None] = {}
-        # One list of forwarded, not yet acknowledged Parse/Bind per sync cycle,
-        # oldest first; the server answers them strictly in order.
-        self._cycles: deque[deque[_Op]] = deque()
+        # Forwarded, not yet acknowledged Parse/Bind/Close, one deque per sync
+        # cycle, oldest first; the server answers them strictly in order. The
+        # last deque is the open cycle (no Sync sent yet).
+        self._cycles: deque[deque[_Op]] = deque([deque()])
 
-    # -- what the client sends (called when the messages are forwarded) ------
-    def _open(self) -> deque[_Op]:
-        if not self._cycles:
-            self._cycles.append(deque())
-        return self._cycles[-1]
+    # -- resolution ---------------------------------------------------------------
+    def _resolve(self, kind: str, name: str, confirmed: dict[str, _V]) -> _V | None:
+        """What a reference to ``name`` will use upstream, or None if it cannot be told.
 
-    def _pending(self, kind: str, name: str) -> list[_Op]:
-        return [op for cycle in self._cycles for op in cycle if op.kind == kind and op.name == name]
+        A definition earlier in the *same* cycle wins: if it fails, the server
+        skips the rest of the cycle, so nothing that refers to it runs. A
+        definition from an earlier, unanswered cycle may fail (a name that
+        exists, a message skipped after an error), so it is believed only when
+        it agrees with every other candidate, the confirmed one included.
+        """
+        for op in reversed(self._cycles[-1]):
+            if op.kind == kind and op.name == name:
+                return cast(_V | None, op.value)
+        candidates: list[_V | None] = []
+        if name in confirmed:
+            candidates.append(confirmed[name])
+        for cycle in list(self._cycles)[:-1]:
+            for op in cycle:
+                if op.kind == kind and op.name == name:
+                    candidates.append(cast(_V | None, op.value))
+        if not candidates:
+            return None
+        first = candidates[0]
+        return first if all(c == first for c in candidates) else None
 
     def resolve_statement(self, name: str) -> PreparedSql | None:
-        """The statement a Bind of ``name`` will use, or None if it cannot be told."""
-        pending = self._pending("P", name)
-        if pending:
-            newest = pending[-1].value
-            assert newest is None or isinstance(newest, PreparedSql)
-            if name == "":
-                return newest  # an unnamed Parse always replaces the previous one
-            older = self.statements.get(name)
-            if older is not None and older != newest:
-                return None
-            return newest
-        return self.statements.get(name)
+        return self._resolve("P", name, self.statements)
 
     def resolve_portal(self, portal: str) -> Statement | None:
-        pending = self._pending("B", portal)
-        if pending:
-            newest = pending[-1].value
-            assert newest is None or isinstance(newest, Statement)
-            if portal == "":
-                return newest
-            older = self.portals.get(portal)
-            if older is not None and older != newest:
-                return None
-            return newest
-        return self.portals.get(portal)
+        return self._resolve("B", portal, self.portals)
 
+    # -- what the client sends (recorded as the messages are seen) ---------------
     def parse(self, name: str, sql: str, param_types: tuple[int, ...]) -> None:
-        self._open().append(_Op("P", name, PreparedSql(sql, param_types)))
+        self._cycles[-1].append(_Op("P", name, PreparedSql(sql, param_types)))
 
     def bind(self, portal: str, statement: str, params: tuple[bytes | None, ...],
              formats: tuple[int, ...]) -> None:
@@ -94,62 +95,71 @@ class ExtendedTracker:
         value = None if prepared is None else Statement(
             prepared.sql, "execute", params, formats, prepared.param_types
         )
-        self._open().append(_Op("B", portal, value))
+        self._cycles[-1].append(_Op("B", portal, value))
 
     def execute(self, portal: str) -> Statement:
         found = self.resolve_portal(portal)
         return found if found is not None else Statement(None, "execute")
 
     def close(self, which: str, name: str) -> None:
-        # Close is acknowledged with CloseComplete and never fails for a missing
-        # name, so forgetting it at once is exact.
-        if which == "S":
-            self.statements.pop(name, None)
-        else:
-            self.portals.pop(name, None)
+        """A Close takes effect when the server acknowledges it (CloseComplete)."""
+        self._cycles[-1].append(_Op("C", which + name, None))
 
     def mark(self) -> int:
         """Where the open cycle ends now; :meth:`rollback` forgets what came after."""
-        return len(self._open())
+        return len(self._cycles[-1])
 
     def rollback(self, mark: int) -> None:
-        """Forget Parse/Bind recorded since ``mark``: they were never forwarded."""
-        cycle = self._open()
+        """Forget messages recorded since ``mark``: they were never forwarded."""
+        cycle = self._cycles[-1]
         while len(cycle) > mark:
             cycle.pop()
 
     def sync(self) -> None:
-        """The client's Sync (or a simple Query) ends the open cycle."""
-        self._open()
+        """The client's Sync (or a simple Query, or a FunctionCall) ends the open cycle."""
         self._cycles.append(deque())
 
     # -- what the server answers ----------------------------------------------
+    def _acknowledged(self, kind: str) -> _Op | None:
+        cycle = self._cycles[0]
+        if not cycle:
+            return None
+        op = cycle.popleft()
+        if op.kind != kind:
+            # Out of step with the server: forget everything, so every later
+            # Execute is "cannot tell" (the strictest case) until redefined.
+            self.statements.clear()
+            self.portals.clear()
+            for pending in self._cycles:
+                pending.clear()
+            return None
+        return op
+
     def parse_complete(self) -> None:
-        op = self._first()
-        if op is not None and op.kind == "P" and isinstance(op.value, PreparedSql):
+        op = self._acknowledged("P")
+        if op is not None and isinstance(op.value, PreparedSql):
             self.statements[op.name] = op.value
 
     def bind_complete(self) -> None:
-        op = self._first()
-        if op is not None and op.kind == "B":
-            value = op.value
-            self.portals[op.name] = value if isinstance(value, Statement) else None
+        op = self._acknowledged("B")
+        if op is not None:
+            self.portals[op.name] = op.value if isinstance(op.value, Statement) else None
 
-    def _first(self) -> _Op | None:
-        if self._cycles and self._cycles[0]:
-            return self._cycles[0].popleft()
-        return None
+    def close_complete(self) -> None:
+        op = self._acknowledged("C")
+        if op is not None:
+            target = self.statements if op.name[0] == "S" else self.portals
+            target.pop(op.name[1:], None)
 
     def error(self) -> None:
         """An ErrorResponse: the server skips everything up to the next Sync."""
-        if self._cycles:
-            self._cycles[0].clear()
+        self._cycles[0].clear()
 
     def ready(self) -> None:
-        """ReadyForQuery ends the oldest cycle. The unnamed portal dies with a transaction."""
+        """ReadyForQuery ends the oldest cycle."""
         if len(self._cycles) > 1:
             self._cycles.popleft()
-        elif self._cycles:
+        else:
             self._cycles[0].clear()
 
     def transaction_ended(self) -> None:

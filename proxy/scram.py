@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
+# An upstream could make the proxy spin on PBKDF2; PostgreSQL's default is 4096.
+MAX_UPSTREAM_ITERATIONS = 1_000_000
 
 
 class ScramError(Exception):
@@ -59,6 +61,16 @@ def saslprep(password: str) -> str:
         if not stringprep.in_table_b1(ch)
     )
     normalized = unicodedata.normalize("NFKC", mapped)
+    if not normalized:
+        return password
+    # RFC 3454 section 6: right-to-left text must not mix with left-to-right
+    # text, and must start and end with a right-to-left character.
+    if any(stringprep.in_table_d1(ch) for ch in normalized) and (
+        any(stringprep.in_table_d2(ch) for ch in normalized)
+        or not stringprep.in_table_d1(normalized[0])
+        or not stringprep.in_table_d1(normalized[-1])
+    ):
+        return password
     for ch in normalized:
         if (
             stringprep.in_table_c12(ch) or stringprep.in_table_c21_c22(ch)
@@ -159,7 +171,8 @@ class ScramServer:
         authzid, _, bare = rest.partition(",")
         if flag.startswith("p="):
             raise ScramError("channel binding was requested but is not offered")
-        if flag not in ("n", "y") or (authzid and not authzid.startswith("a=")):
+        if flag not in ("n", "y") or authzid:
+            # like PostgreSQL: no authorization identity (the startup user is the identity)
             raise ScramError("malformed GS2 header")
         attrs = _attributes(bare)
         client_nonce = attrs.get("r", "")
@@ -220,8 +233,8 @@ class ScramClient:
             iterations = int(iter_s)
         except ValueError:
             raise ScramError("upstream sent an invalid iteration count") from None
-        if iterations < 1:
-            raise ScramError("upstream sent an invalid iteration count")
+        if iterations < 1 or iterations > MAX_UPSTREAM_ITERATIONS:
+            raise ScramError(f"upstream sent an unacceptable iteration count ({iterations})")
         salted = _salted(self._password, _unb64(salt_s), iterations)
         client_key = _hmac(salted, b"Client Key")
         without_proof = f"c={_b64(b'n,,')},r={nonce}"

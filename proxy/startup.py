@@ -25,6 +25,10 @@ _HANDLED = {"user", "database", "options", "replication"}
 # Settings that change who the session is: a privilege change in disguise.
 REFUSED_SETTINGS = frozenset({"role", "session_authorization"})
 PGVOUCH_SETTINGS = frozenset({"pgvouch.account", "pgvouch.hold"})
+# PostgreSQL splits options on C isspace() in the C locale, nothing wider.
+_C_SPACE = " \t\n\v\f\r"
+# A setting name as PostgreSQL accepts it (custom settings have one dot or more).
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 
 
 class StartupRefused(Exception):
@@ -57,7 +61,7 @@ def split_options(options: str) -> list[str]:
         elif ch == "\\":
             escaped = True
             in_word = True
-        elif ch.isspace():
+        elif ch in _C_SPACE:
             if in_word:
                 words.append("".join(current))
                 current = []
@@ -92,13 +96,17 @@ def parse_options(options: str) -> dict[str, str]:
         name, sep, value = assignment.partition("=")
         if not sep or not name:
             raise StartupRefused(sqlstate.PROTOCOL_VIOLATION, f"options: {assignment!r} is not name=value")
-        settings[name.strip().lower().replace("-", "_")] = value
+        key = name.lower().replace("-", "_")
+        if not set(key) <= _NAME_CHARS:
+            raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"options: invalid setting name {name!r}")
+        settings[key] = value
         i += 1
     return settings
 
 
 def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+    """Backslash-escape what pg_split_opts would split on, so a value stays one word."""
+    return "".join("\\" + ch if ch in _C_SPACE or ch == "\\" else ch for ch in value)
 
 
 def resolve(settings: Settings, params: dict[str, str]) -> Target:
@@ -112,11 +120,26 @@ def resolve(settings: Settings, params: dict[str, str]) -> Target:
             "replication connections are not supported through pgvouch",
         )
     options = parse_options(params.get("options", ""))
+    # Every other startup parameter is a setting PostgreSQL applies at login,
+    # exactly like -c name=value: the same rules apply to both.
+    top_level: dict[str, str] = {}
+    for name, value in params.items():
+        key = name.lower()
+        if key in _HANDLED or key.startswith("_pq_."):
+            continue
+        if not set(key) <= _NAME_CHARS:
+            raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"invalid startup parameter {name!r}")
+        if key in options:
+            raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"setting {name!r} is given twice")
+        top_level[key] = value
+    for key, value in top_level.items():
+        if key.startswith("pgvouch."):
+            options[key] = value
     pgvouch = {k: v for k, v in options.items() if k.startswith("pgvouch.")}
     for name in pgvouch:
         if name not in PGVOUCH_SETTINGS:
             raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"unknown pgvouch setting {name!r}")
-    for name in options:
+    for name in [*options, *top_level]:
         if name in REFUSED_SETTINGS:
             raise StartupRefused(
                 sqlstate.NOT_AUTHORIZED,
@@ -154,7 +177,8 @@ def resolve(settings: Settings, params: dict[str, str]) -> Target:
             f'user "{user}" may not use account "{account.name}" on resource "{resource.name}"',
         )
     upstream = {
-        k: v for k, v in params.items() if k not in _HANDLED and not k.startswith("_pq_.")
+        k: v for k, v in params.items()
+        if k.lower() in top_level and not k.lower().startswith("pgvouch.")
     }
     forwarded = {k: v for k, v in options.items() if not k.startswith("pgvouch.")}
     if forwarded:

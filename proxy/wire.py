@@ -97,37 +97,17 @@ class Framer:
         return memoryview(data)[:pos], messages
 
 
-class StartupFramer:
-    """Splits untyped startup-phase packets (``Int32 length`` then payload)."""
-
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> bytes | None:
-        """Return one complete packet (payload after the length) or None."""
-        self._buf += data
-        if len(self._buf) < 4:
-            return None
-        (length,) = _unpack_i32(self._buf, 0)
-        if length < 8 or length > MAX_STARTUP_SIZE:
-            raise ProtocolError(f"invalid startup packet length {length}")
-        if len(self._buf) < length:
-            return None
-        packet = bytes(self._buf[4:length])
-        del self._buf[:length]
-        return packet
-
-    def take_rest(self) -> bytes:
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-
 # --------------------------------------------------------------------------
 # startup phase
 # --------------------------------------------------------------------------
+def startup_length(header: bytes) -> int:
+    """The total length of a startup-phase packet from its first four bytes."""
+    (length,) = _unpack_i32(header, 0)
+    if length < 8 or length > MAX_STARTUP_SIZE:
+        raise ProtocolError(f"invalid startup packet length {length}")
+    return int(length)
+
+
 @dataclass(frozen=True)
 class StartupMessage:
     version: int
@@ -170,11 +150,10 @@ def decode_startup_packet(payload: bytes) -> StartupMessage | CancelRequest | Sp
     if code >> 16 != 3:
         raise ProtocolError(f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
     body = payload[4:]
-    if not body.endswith(b"\x00"):
-        raise ProtocolError("startup packet is not terminated")
-    parts = body[:-1].split(b"\x00")
-    if parts and parts[-1] == b"":
-        parts.pop()
+    # name\0value\0 ... \0: the final empty name is required, as in PostgreSQL
+    if not body.endswith(b"\x00") or (len(body) > 1 and not body.endswith(b"\x00\x00")):
+        raise ProtocolError("startup packet is missing its terminator")
+    parts = body[:-2].split(b"\x00") if len(body) > 1 else []
     if len(parts) % 2:
         raise ProtocolError("startup packet has a parameter without a value")
     params: dict[str, str] = {}

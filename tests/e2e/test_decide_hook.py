@@ -155,3 +155,21 @@ def test_every_statement_reaches_the_decider(guarded):
     flat = [sql for unit in guarded.decider.seen for sql in unit]
     assert "SELECT 11" in flat and "SELECT 12" in flat
     assert any(sql and "+ 13" in sql for sql in flat)
+
+
+def test_batch_without_sync_is_not_buffered_forever(guarded):
+    """Megabytes of Parse/Bind/Execute with no Sync: the proxy decides and
+    forwards at its buffer limit instead of growing without bound."""
+    from proxy.client import BATCH_BUFFER_LIMIT
+
+    c = RawClient(guarded.port)
+    c.startup("alice", PASSWORDS["alice"])
+    payload = "x" * 100_000
+    one = parse("", f"SELECT '{payload}'") + bind("", "") + execute()
+    count = BATCH_BUFFER_LIMIT // len(one) + 5
+    c.send(one * count + SYNC)
+    kinds = [k for k, _ in c.read_until_ready()]
+    assert kinds.count("D") == count and kinds[-1] == "Z"
+    assert guarded.server.sessions and all(
+        len(s.batch_buf) == 0 for s in guarded.server.sessions)
+    c.close()
