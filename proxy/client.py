@@ -30,7 +30,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from proxy import scram, sqlstate, wire
-from proxy.decide import ALLOW, Decision, SessionInfo, Statement, Unit, deny
+from proxy.decide import ALLOW, Decision, Hold, SessionInfo, Statement, Unit, deny
 from proxy.extended import ExtendedTracker
 from proxy.inbox import Inbox
 from proxy.phases import Phase, advance
@@ -64,6 +64,17 @@ POISON = (
 _SERVER_MAX_MESSAGE = (1 << 30) + (1 << 20)
 WRITE_HIGH_WATER = 256 * 1024
 BATCH_BUFFER_LIMIT = 8 * 1024 * 1024
+HELD_INPUT_LIMIT = 1024 * 1024  # what a client may pipeline behind a held unit
+
+
+class _Watch:
+    """A released hold whose statement is in flight: report how it went."""
+
+    __slots__ = ("error", "hold")
+
+    def __init__(self, hold: Hold) -> None:
+        self.hold = hold
+        self.error: str | None = None
 
 
 class Fatal(Exception):
@@ -100,8 +111,19 @@ class ClientSession(asyncio.Protocol):
         self.framer = wire.Framer(settings.limits.max_message_size, "client")
         self.server_framer = wire.Framer(_SERVER_MAX_MESSAGE, "server")
         self.tracker = ExtendedTracker()
-        self.cycles: deque[Decision | None] = deque()  # per outstanding sync point
+        # one entry per sync point forwarded upstream, oldest first: None (relay),
+        # a Decision (the cycle answers a poison: replace its error), or a
+        # _Watch (a released hold waiting to learn how its statement went)
+        self.cycles: deque[Decision | _Watch | None] = deque()
         self.substitutions = 0
+        self.watchers = 0
+        self.pending_watch: _Watch | None = None
+        # a unit held for a decision, and what the client sent behind it
+        self.held: Hold | None = None
+        self.held_unit = b""
+        self.held_batch = False
+        self.held_input = bytearray()
+        self._hold_task: asyncio.Task[None] | None = None
         self.batch_open = False
         self.batch_mark = 0
         self.batch_buf = bytearray()
@@ -127,6 +149,9 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.upstream is not None and self.phase not in (Phase.CLOSED,):
             self.bytes_in += len(data)
+            if self.held is not None:
+                self._buffer_behind_hold(data)
+                return
             try:
                 self._relay_client(data)
             except wire.ProtocolError as exc:
@@ -139,6 +164,8 @@ class ClientSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.inbox.close(exc)
+        if self.held is not None:
+            self.held.cancel("the client disconnected")
         if self._handshake_task is not None and not self._handshake_task.done():
             self._handshake_task.cancel()
         self._finish()
@@ -368,6 +395,9 @@ class ClientSession(asyncio.Protocol):
                 continue
             if self.batch_open:
                 fwd = self._close_batch(chunk, fwd, start)
+                if self.held is not None:
+                    self._stash_behind_hold(chunk, start)
+                    return
                 if self.skipping is not None and kind != _X:
                     fwd = end
                     if kind == _S:
@@ -375,28 +405,24 @@ class ClientSession(asyncio.Protocol):
                         self.skipping = None
                     continue
             if kind == _S:
-                self.tracker.sync()
-                self.cycles.append(None)
-            elif kind == _Q:
-                decision = self._decide(Unit((Statement(wire.decode_query(chunk, start, end)),)))
-                if decision.action != "allow":
+                self._sync_forwarded()
+            elif kind in (_Q, _F):
+                sql = wire.decode_query(chunk, start, end) if kind == _Q else None
+                statement = Statement(sql) if kind == _Q else Statement(None, "function-call")
+                decision = self._decide(Unit((statement,)))
+                if decision.action == "allow":
+                    self._sync_forwarded()
+                elif decision.action == "hold" and decision.hold is not None:
+                    self._write_up(chunk, fwd, start)
+                    self._start_hold(decision.hold, bytes(chunk[start:end]), batch=False)
+                    self._stash_behind_hold(chunk, end)
+                    return
+                else:
                     self._write_up(chunk, fwd, start)
                     self._send_poison(decision)
                     fwd = end
-                else:
-                    self.tracker.sync()
-                    self.cycles.append(None)
             elif kind == _H or kind in _COPY:
                 pass
-            elif kind == _F:
-                decision = self._decide(Unit((Statement(None, "function-call"),)))
-                if decision.action != "allow":
-                    self._write_up(chunk, fwd, start)
-                    self._send_poison(decision)
-                    fwd = end
-                else:
-                    self.tracker.sync()
-                    self.cycles.append(None)
             elif kind == _X:
                 self._write_up(chunk, fwd, end)
                 self._close()
@@ -410,6 +436,9 @@ class ClientSession(asyncio.Protocol):
             # A client that never sends Sync or Flush must not make the proxy
             # buffer without bound: decide on what came so far, as at a Flush.
             fwd = self._close_batch(chunk, fwd, len(chunk))
+            if self.held is not None:
+                self._stash_behind_hold(chunk, len(chunk))
+                return
             if self.skipping is not None:
                 return
         self._write_up(chunk, fwd, len(chunk))
@@ -442,6 +471,11 @@ class ClientSession(asyncio.Protocol):
         self.batch_open = False
         statements, self.batch_statements = self.batch_statements, []
         decision = self._decide(Unit(tuple(statements), extended=True)) if statements else ALLOW
+        if decision.action == "hold" and decision.hold is not None:
+            unit = bytes(self.batch_buf) + bytes(chunk[fwd:boundary])
+            self.batch_buf.clear()
+            self._start_hold(decision.hold, unit, batch=True)
+            return boundary
         if decision.action == "allow":
             if self.batch_buf:
                 up = self.upstream
@@ -454,6 +488,14 @@ class ClientSession(asyncio.Protocol):
         self.tracker.rollback(self.batch_mark)
         self.skipping = decision
         return boundary
+
+    def _sync_forwarded(self) -> None:
+        """A Sync, Query or FunctionCall went upstream: one more ReadyForQuery to come."""
+        self.tracker.sync()
+        watch, self.pending_watch = self.pending_watch, None
+        self.cycles.append(watch)
+        if watch is not None:
+            self.watchers += 1
 
     def _send_poison(self, decision: Decision) -> None:
         up = self.upstream
@@ -468,6 +510,88 @@ class ClientSession(asyncio.Protocol):
             decision.sqlstate, decision.policy,
         )
 
+    # ------------------------------------------------------------------- holds
+    def _start_hold(self, hold: Hold, unit: bytes, *, batch: bool) -> None:
+        self.held = hold
+        self.held_unit = unit
+        self.held_batch = batch
+        self.phase = advance(self.phase, "hold")
+        self._hold_task = asyncio.get_running_loop().create_task(self._wait_for_hold(hold))
+
+    def _stash_behind_hold(self, chunk: bytes | memoryview, resume_at: int) -> None:
+        """Keep what followed the held unit (in order) until the hold is released."""
+        self.held_input = bytearray(chunk[resume_at:]) + self.framer.take_tail()
+        if len(self.held_input) > HELD_INPUT_LIMIT:
+            self._refuse_held_input()
+
+    def _buffer_behind_hold(self, data: bytes) -> None:
+        self.held_input += data
+        if len(self.held_input) > HELD_INPUT_LIMIT:
+            self._refuse_held_input()
+
+    def _refuse_held_input(self) -> None:
+        if self.held is not None:
+            self.held.cancel("the client sent too much data behind a held statement")
+        self._fatal(sqlstate.HELD_INPUT_LIMIT,
+                    "too much data pipelined behind a statement that is waiting for approval")
+
+    def cancel_requested(self) -> bool:
+        """A CancelRequest for this session: True if it cancelled a hold."""
+        if self.held is None:
+            return False
+        self.held.cancel("cancelled by the client")
+        return True
+
+    def _notice(self, text: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wire.notice_response(text, code=sqlstate.APPROVAL_REQUIRED))
+
+    async def _wait_for_hold(self, hold: Hold) -> None:
+        self._notice(hold.notice)
+        try:
+            outcome = asyncio.ensure_future(hold.outcome())
+            while not outcome.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(outcome), hold.heartbeat_interval)
+                except TimeoutError:
+                    text = hold.heartbeat()
+                    if text:
+                        self._notice(text)
+            decision = outcome.result()
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("hold failed in session %s; statement refused", self.id)
+            decision = deny("pgvouch could not complete the approval; the statement was not run",
+                            code=sqlstate.INTERNAL_ERROR)
+        if self.phase is Phase.CLOSED:
+            return
+        self._release(hold, decision)
+
+    def _release(self, hold: Hold, decision: Decision) -> None:
+        self.held = None
+        self.phase = advance(self.phase, "release")
+        self.decisions[decision.action] = self.decisions.get(decision.action, 0) + 1
+        up = self.upstream
+        assert up is not None
+        if decision.action == "allow":
+            up.write(self.held_unit)
+            self.pending_watch = _Watch(hold)
+            if not self.held_batch:
+                self._sync_forwarded()
+        elif self.held_batch:
+            self.tracker.rollback(self.batch_mark)
+            self.skipping = decision
+        else:
+            self._send_poison(decision)
+        self.held_unit = b""
+        pending, self.held_input = bytes(self.held_input), bytearray()
+        if pending:
+            try:
+                self._relay_client(pending)
+            except wire.ProtocolError as exc:
+                self._fatal(sqlstate.PROTOCOL_VIOLATION, f"protocol violation: {exc}")
+
     # ---------------------------------------------------- upstream → client relay
     def upstream_data(self, data: bytes) -> None:
         try:
@@ -481,8 +605,8 @@ class ClientSession(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.substitutions:
-            self._relay_substituting(chunk, messages)
+        if self.substitutions or self.watchers:
+            self._relay_slow(chunk, messages)
             return
         for kind, start, end in messages:
             if kind in _WATCH:
@@ -512,12 +636,18 @@ class ClientSession(asyncio.Protocol):
         elif self.phase is Phase.IN_QUERY:  # CopyIn/CopyOut/CopyBoth response
             self.phase = advance(self.phase, "copy")
 
-    def _relay_substituting(self, chunk: bytes | memoryview, messages: list[tuple[int, int, int]]
-                            ) -> None:
+    def _relay_slow(self, chunk: bytes | memoryview, messages: list[tuple[int, int, int]]) -> None:
+        """Relay while some cycle needs attention: a poison's answer or a watched statement."""
         out: list[bytes | memoryview] = []
         for kind, start, end in messages:
             current = self.cycles[0] if self.cycles else None
-            if current is None:
+            if not isinstance(current, Decision):
+                if isinstance(current, _Watch):
+                    if kind == _ERR and current.error is None:
+                        current.error = wire.decode_error_fields(chunk, start, end).get("M", "error")
+                    elif kind == _Z:
+                        self.watchers -= 1
+                        current.hold.finished(current.error is None, current.error)
                 if kind in _WATCH:
                     self._server_event(kind, chunk, start, end)
                 out.append(chunk[start:end])

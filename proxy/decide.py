@@ -11,6 +11,7 @@ Must not: parse SQL or do I/O. Policy evaluation plugs in here.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -53,14 +54,34 @@ class SessionInfo:
     options: dict[str, str] = field(default_factory=dict)
 
 
+class Hold(Protocol):
+    """A unit waiting for people to decide; the session keeps it out of upstream.
+
+    The session sends ``notice`` at once, ``heartbeat()`` every
+    ``heartbeat_interval`` seconds while waiting, forwards the unit only if
+    ``outcome`` resolves to an ``allow`` Decision, and reports what happened
+    with ``finished``. ``cancel`` is called when the client cancels (Ctrl-C)
+    or goes away; ``outcome`` must then resolve promptly.
+    """
+
+    notice: str
+    heartbeat_interval: float
+
+    def outcome(self) -> Awaitable[Decision]: ...
+    def heartbeat(self) -> str | None: ...
+    def cancel(self, reason: str) -> None: ...
+    def finished(self, ok: bool, error: str | None) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Decision:
-    action: Literal["allow", "deny"]
+    action: Literal["allow", "deny", "hold"]
     sqlstate: str = ""
     message: str = ""
     detail: str | None = None
     hint: str | None = None
     policy: str | None = None
+    hold: Hold | None = None
 
 
 ALLOW = Decision("allow")

@@ -43,6 +43,7 @@ TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.IN_COPY, "copy"): Phase.IN_COPY,
     (Phase.READY, "hold"): Phase.HELD,
     (Phase.IN_QUERY, "hold"): Phase.HELD,
+    (Phase.IN_COPY, "hold"): Phase.HELD,
     (Phase.HELD, "release"): Phase.IN_QUERY,
 }
 

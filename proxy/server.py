@@ -133,6 +133,9 @@ class ProxyServer:
         if session is None or not hmac.compare_digest(session.key_secret, secret):
             log.info("cancel request with an unknown key ignored")
             return
+        if session.cancel_requested():
+            log.info("cancel request for session %s: held statement cancelled", session.id)
+            return
         target = session.target
         if target is None or not session.backend_pid:
             return

@@ -22,6 +22,8 @@ ADMIN_SHUTDOWN: Final = "57P01"  # proxy shutting down (drain timeout reached)
 FEATURE_NOT_SUPPORTED: Final = "0A000"  # e.g. replication connections through the proxy
 POLICY_DENIED: Final = "42501"  # a policy denies the statement
 APPROVAL_REQUIRED: Final = "PV001"  # the statement needs approval (held or refused)
+HELD_INPUT_LIMIT: Final = "54000"  # too much pipelined behind a held statement
+QUERY_CANCELED: Final = "57014"  # the client cancelled a held statement (Ctrl-C)
 INTERNAL_ERROR: Final = "XX000"  # the proxy failed; the statement was NOT forwarded
 
 DOCUMENTED: Final = {
@@ -40,5 +42,8 @@ DOCUMENTED: Final = {
     FEATURE_NOT_SUPPORTED: "Replication connections are not supported through the proxy.",
     POLICY_DENIED: "A policy denies the statement; the message names the policy.",
     APPROVAL_REQUIRED: "The statement needs human approval.",
+    HELD_INPUT_LIMIT: "The client pipelined more than 1 MiB behind a held statement; "
+    "the connection is closed.",
+    QUERY_CANCELED: "The client cancelled a statement while it waited for approval.",
     INTERNAL_ERROR: "The proxy hit an internal error; the statement was not forwarded.",
 }

@@ -64,6 +64,13 @@ class Framer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def take_tail(self) -> bytes:
+        """Hand back the incomplete tail (the caller will feed it again later)."""
+        tail = bytes(self._buf)
+        self._buf.clear()
+        self._need = 0
+        return tail
+
     def feed(self, data: bytes) -> tuple[bytes | memoryview, list[tuple[int, int, int]]]:
         buf = self._buf
         if buf:
