@@ -15,7 +15,7 @@ import pytest
 
 from proxy import sqlstate
 from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
-from tests.conftest import PSQL, PASSWORDS
+from tests.conftest import PASSWORDS, PSQL
 from tests.rawclient import SYNC, RawClient, bind, error_fields, execute, parse
 
 
