@@ -34,7 +34,7 @@ from proxy.decide import ALLOW, Decision, Hold, SessionInfo, Statement, Unit, de
 from proxy.extended import ExtendedTracker
 from proxy.inbox import Inbox
 from proxy.phases import Phase, advance
-from proxy.startup import StartupRefused, Target, resolve
+from proxy.startup import StartupRefused, Target, changes_lexing, lexing_setting_is_safe, resolve
 from proxy.upstream import UpstreamError, UpstreamProtocol, connect
 
 if TYPE_CHECKING:
@@ -45,26 +45,53 @@ log = logging.getLogger("pgvouch.session")
 _I32 = struct.Struct("!i")
 
 # client message types
-_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X = b"QPBDECSHFX"
+_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d = b"QPBDECSHFXd"
 _BATCH = frozenset(b"PBDEC")
 _COPY = frozenset(b"dcf")
 # server message types the relay watches
-_Z, _PARSE_OK, _BIND_OK, _CLOSE_OK, _ERR = b"Z123E"
-_WATCH = frozenset(b"Z123EGHW")
-_KEEP_WHEN_SWALLOWING = frozenset(b"AS")
+_Z, _PARSE_OK, _BIND_OK, _CLOSE_OK, _ERR, _PSTATUS, _COPY_OUT = b"Z123ESH"
+_WATCH = frozenset(b"Z123ESGHW")
+
+# The probe: Parse and Close a named ROLLBACK (Parse of a transaction-exit
+# statement is accepted even in an aborted transaction), then Flush. The
+# server answers ParseComplete + CloseComplete unless it is skipping messages
+# after an error, in which case it answers nothing (its error was already
+# flushed). Nothing is created or run.
+_PROBE = (
+    wire.message(b"P", wire.cstr("pgvouch_probe") + wire.cstr("ROLLBACK") + b"\x00\x00")
+    + wire.message(b"C", b"S" + wire.cstr("pgvouch_probe"))
+    + wire.message(b"H")
+)
 
 # A statement the server always rejects at Parse time, so nothing is created
 # or dropped (not even the unnamed statement) and no transaction is touched
 # beyond what an error does. The name keeps the unnamed statement intact.
-POISON = (
-    wire.message(b"P", wire.cstr("pgvouch_denied") + wire.cstr("pgvouch: statement refused")
-                 + b"\x00\x00")
-    + wire.SYNC
-)
+POISON_SQL = "pgvouch: statement refused"
+POISON_PARSE = wire.message(b"P", wire.cstr("pgvouch_denied") + wire.cstr(POISON_SQL) + b"\x00\x00")
+FLUSH = wire.message(b"H")
+
+
+def is_poison_error(fields: dict[str, str]) -> bool:
+    """The server's answer to the poison (or to anything in an aborted transaction)."""
+    code = fields.get("C")
+    return code == "25P02" or (code == "42601" and "pgvouch" in fields.get("M", ""))
 _SERVER_MAX_MESSAGE = (1 << 30) + (1 << 20)
 WRITE_HIGH_WATER = 256 * 1024
 BATCH_BUFFER_LIMIT = 8 * 1024 * 1024
 HELD_INPUT_LIMIT = 1024 * 1024  # what a client may pipeline behind a held unit
+
+
+class _Cycle:
+    """One sync point forwarded upstream (one ReadyForQuery to come)."""
+
+    __slots__ = ("boundary", "copyends_before", "replaced", "subst", "watch")
+
+    def __init__(self, boundary: int, copyends_before: int, subst: Decision | None) -> None:
+        self.boundary = boundary  # the message that ends it: Sync, Query or FunctionCall
+        self.copyends_before = copyends_before  # CopyDone/CopyFail sent since the previous one
+        self.subst = subst  # a denial: the cycle answers a poison
+        self.replaced = False
+        self.watch: _Watch | None = None
 
 
 class _Watch:
@@ -111,10 +138,17 @@ class ClientSession(asyncio.Protocol):
         self.framer = wire.Framer(settings.limits.max_message_size, "client")
         self.server_framer = wire.Framer(_SERVER_MAX_MESSAGE, "server")
         self.tracker = ExtendedTracker()
-        # one entry per sync point forwarded upstream, oldest first: None (relay),
-        # a Decision (the cycle answers a poison: replace its error), or a
-        # _Watch (a released hold waiting to learn how its statement went)
-        self.cycles: deque[Decision | _Watch | None] = deque()
+        # one entry per sync point forwarded upstream, oldest first
+        self.cycles: deque[_Cycle] = deque()
+        self.open_extended = False  # extended messages forwarded since the last sync point
+        self.open_error = False  # ... and the server already reported an error for them
+        self.open_cycle: _Cycle | None = None  # what is known about the cycle not yet synced
+        self.probe = 0  # 1: probe sent; 2: its ParseComplete seen
+        self.probe_ok = False  # the probe showed no error: the waiting Query may go
+        self.copyends = 0  # CopyDone/CopyFail forwarded since the last sync point
+        self.client_copy = False  # the server is in COPY IN until the client ends it
+        self.barrier = False  # waiting for the server before deciding more
+        self.barrier_pending = False
         self.substitutions = 0
         self.watchers = 0
         self.pending_watch: _Watch | None = None
@@ -143,14 +177,15 @@ class ClientSession(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.inbox.attach(self.transport)
         self.server.session_started(self)
         self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
 
     def data_received(self, data: bytes) -> None:
         if self.upstream is not None and self.phase not in (Phase.CLOSED,):
             self.bytes_in += len(data)
-            if self.held is not None:
-                self._buffer_behind_hold(data)
+            if self.held is not None or self.barrier:
+                self._buffer_input(data)
                 return
             try:
                 self._relay_client(data)
@@ -262,6 +297,7 @@ class ClientSession(asyncio.Protocol):
                         self.transport, self, self.server.ssl_context, server_side=True
                     )
                     self.transport = cast(asyncio.Transport, tls)
+                    self.inbox.attach(self.transport)
                     self.tls = True
                     ssl_done = True
                 else:
@@ -372,18 +408,35 @@ class ClientSession(asyncio.Protocol):
         chunk, messages = self.framer.feed(data)
         if not messages:
             return
-        up = self.upstream
-        assert up is not None
         fwd = 0  # chunk[fwd:] is not yet written upstream
         for kind, start, end in messages:
+            if self.client_copy:
+                # The server is in COPY IN: it takes CopyData, ends the copy at
+                # CopyDone/CopyFail, and ignores Sync and Flush (libpq relies on
+                # that). Anything else would be consumed as a copy error, never
+                # run: refuse it rather than guess.
+                if kind in _COPY:
+                    if kind != _d:
+                        self.client_copy = False
+                        self.copyends += 1
+                elif kind not in (_S, _H, _X):
+                    raise wire.ProtocolError(
+                        f"unexpected message type {chr(kind)!r} during COPY FROM STDIN")
+                if kind == _X:
+                    self._write_up(chunk, fwd, end)
+                    self._close()
+                    return
+                continue
             if self.skipping is not None and kind != _X:
                 # after a denial inside an extended batch, PostgreSQL discards
-                # everything up to Sync; so does the proxy
+                # everything up to Sync; so does the proxy, then forwards the Sync
                 self._write_up(chunk, fwd, start)
-                fwd = end
                 if kind == _S:
-                    self._send_poison(self.skipping)
+                    self._boundary(_S)
                     self.skipping = None
+                    fwd = start
+                else:
+                    fwd = end
                 continue
             if kind in _BATCH:
                 if not self.batch_open:
@@ -394,35 +447,61 @@ class ClientSession(asyncio.Protocol):
                 self._batch_message(kind, chunk, start, end)
                 continue
             if self.batch_open:
-                fwd = self._close_batch(chunk, fwd, start)
+                fwd = self._close_batch(chunk, fwd, start, closed_by=kind)
                 if self.held is not None:
-                    self._stash_behind_hold(chunk, start)
+                    self._stash_input(chunk, start)
                     return
                 if self.skipping is not None and kind != _X:
-                    fwd = end
                     if kind == _S:
-                        self._send_poison(self.skipping)
+                        self._boundary(_S)
                         self.skipping = None
+                        fwd = start
+                    else:
+                        fwd = end
                     continue
             if kind == _S:
-                self._sync_forwarded()
+                self._boundary(_S)
+                if self.barrier_pending:
+                    self._write_up(chunk, fwd, end)
+                    self._start_barrier(chunk, end)
+                    return
+            elif kind == _H:
+                self.open_extended = True
             elif kind in (_Q, _F):
+                if self.open_extended and not self.probe_ok:
+                    # A Query after extended messages with no Sync (asyncpg sends
+                    # Parse/Describe/Flush, then a COPY Query). If those messages
+                    # failed, the server discards the Query and sends no
+                    # ReadyForQuery for it; so must the proxy. To know which, it
+                    # asks the server with a probe (see _PROBE) before going on.
+                    self._write_up(chunk, fwd, start)
+                    if self.open_error:
+                        fwd = end
+                        continue
+                    self._send_probe()
+                    self._stash_input(chunk, start)
+                    return
                 sql = wire.decode_query(chunk, start, end) if kind == _Q else None
                 statement = Statement(sql) if kind == _Q else Statement(None, "function-call")
                 decision = self._decide(Unit((statement,)))
                 if decision.action == "allow":
-                    self._sync_forwarded()
+                    self._boundary(kind)
+                    if sql is not None and changes_lexing(sql):
+                        self._write_up(chunk, fwd, end)
+                        self._start_barrier(chunk, end)
+                        return
                 elif decision.action == "hold" and decision.hold is not None:
                     self._write_up(chunk, fwd, start)
                     self._start_hold(decision.hold, bytes(chunk[start:end]), batch=False)
-                    self._stash_behind_hold(chunk, end)
+                    self._stash_input(chunk, end)
                     return
                 else:
                     self._write_up(chunk, fwd, start)
-                    self._send_poison(decision)
+                    self._poison(decision, sync=True)
                     fwd = end
-            elif kind == _H or kind in _COPY:
-                pass
+            elif kind in _COPY:
+                if kind != _d:
+                    self.copyends += 1
             elif kind == _X:
                 self._write_up(chunk, fwd, end)
                 self._close()
@@ -435,9 +514,9 @@ class ClientSession(asyncio.Protocol):
                 return
             # A client that never sends Sync or Flush must not make the proxy
             # buffer without bound: decide on what came so far, as at a Flush.
-            fwd = self._close_batch(chunk, fwd, len(chunk))
+            fwd = self._close_batch(chunk, fwd, len(chunk), closed_by=_H)
             if self.held is not None:
-                self._stash_behind_hold(chunk, len(chunk))
+                self._stash_input(chunk, len(chunk))
                 return
             if self.skipping is not None:
                 return
@@ -466,11 +545,20 @@ class ClientSession(asyncio.Protocol):
         else:
             wire.decode_target(chunk, start, end)  # Describe: validate only
 
-    def _close_batch(self, chunk: bytes | memoryview, fwd: int, boundary: int) -> int:
-        """Decide on the open batch (its bytes are chunk[fwd:boundary] after batch_buf)."""
+    def _close_batch(self, chunk: bytes | memoryview, fwd: int, boundary: int, *,
+                     closed_by: int) -> int:
+        """Decide on the open batch (its bytes are batch_buf + chunk[fwd:boundary])."""
         self.batch_open = False
         statements, self.batch_statements = self.batch_statements, []
         decision = self._decide(Unit(tuple(statements), extended=True)) if statements else ALLOW
+        if decision.action == "allow" and closed_by != _S and any(
+            s.sql is not None and changes_lexing(s.sql) for s in statements
+        ):
+            decision = deny(
+                "statements that may change client_encoding or standard_conforming_strings "
+                "must end with Sync, not Flush, when sent through pgvouch",
+                code=sqlstate.FEATURE_NOT_SUPPORTED,
+            )
         if decision.action == "hold" and decision.hold is not None:
             unit = bytes(self.batch_buf) + bytes(chunk[fwd:boundary])
             self.batch_buf.clear()
@@ -483,34 +571,74 @@ class ClientSession(asyncio.Protocol):
                 up.write(bytes(self.batch_buf))
                 self.batch_buf.clear()
             self._write_up(chunk, fwd, boundary)
+            self.open_extended = True
+            if any(s.sql is not None and changes_lexing(s.sql) for s in statements):
+                self.barrier_pending = True
             return boundary
         self.batch_buf.clear()
         self.tracker.rollback(self.batch_mark)
-        self.skipping = decision
+        self._poison(decision, sync=False)
         return boundary
 
-    def _sync_forwarded(self) -> None:
+    def _boundary(self, kind: int, subst: Decision | None = None) -> None:
         """A Sync, Query or FunctionCall went upstream: one more ReadyForQuery to come."""
-        self.tracker.sync()
+        cycle = self.open_cycle or _Cycle(kind, 0, None)
+        self.open_cycle = None
+        cycle.boundary = kind
+        cycle.copyends_before = self.copyends
+        self.copyends = 0
+        self.open_error = False
+        self.probe_ok = False
+        if subst is not None:
+            cycle.subst = subst
+            self.substitutions += 1
         watch, self.pending_watch = self.pending_watch, None
-        self.cycles.append(watch)
         if watch is not None:
+            cycle.watch = watch
             self.watchers += 1
+        self.cycles.append(cycle)
+        self.tracker.sync()
+        self.open_extended = False
 
-    def _send_poison(self, decision: Decision) -> None:
+    def _send_probe(self) -> None:
         up = self.upstream
         assert up is not None
-        up.write(POISON)
-        self.tracker.sync()
-        self.cycles.append(decision)
-        self.substitutions += 1
+        up.write(_PROBE)
+        self.probe = 1
+        self.substitutions += 1  # the relay must look at every message until it is answered
+
+    def _probe_answered(self, ok: bool) -> None:
+        self.probe = 0
+        self.substitutions -= 1
+        self.probe_ok = ok
+        self._resume_input()
+
+    def _poison(self, decision: Decision, *, sync: bool) -> None:
+        """Refuse a unit upstream with PostgreSQL's own error semantics (see module doc).
+
+        ``sync``: a simple Query or FunctionCall, answered at once with its own
+        ReadyForQuery. Otherwise (extended batch) the poison goes with a Flush,
+        so the error comes back at once, and the client's own Sync follows.
+        """
+        up = self.upstream
+        assert up is not None
+        if sync:
+            up.write(POISON_PARSE + wire.SYNC)
+            self._boundary(_S, subst=decision)
+        else:
+            up.write(POISON_PARSE + FLUSH)
+            self.open_extended = True
+            self.skipping = decision
+            cycle = self.open_cycle = self.open_cycle or _Cycle(_S, 0, None)
+            cycle.subst = decision
+            self.substitutions += 1
         log.info(
             "statement refused session=%s user=%s resource=%s code=%s policy=%s",
             self.id, self.info.user if self.info else "?", self.info.resource if self.info else "?",
             decision.sqlstate, decision.policy,
         )
 
-    # ------------------------------------------------------------------- holds
+    # ------------------------------------------------------------ holds, barriers
     def _start_hold(self, hold: Hold, unit: bytes, *, batch: bool) -> None:
         self.held = hold
         self.held_unit = unit
@@ -518,16 +646,41 @@ class ClientSession(asyncio.Protocol):
         self.phase = advance(self.phase, "hold")
         self._hold_task = asyncio.get_running_loop().create_task(self._wait_for_hold(hold))
 
-    def _stash_behind_hold(self, chunk: bytes | memoryview, resume_at: int) -> None:
-        """Keep what followed the held unit (in order) until the hold is released."""
-        self.held_input = bytearray(chunk[resume_at:]) + self.framer.take_tail()
+    def _start_barrier(self, chunk: bytes | memoryview, resume_at: int) -> None:
+        """Wait for the server to answer everything in flight before going on.
+
+        Used after a statement that may change how the server reads later
+        SQL (client_encoding, standard_conforming_strings): the proxy must
+        know the server's new settings before it can vouch for the next one.
+        """
+        self.barrier_pending = False
+        self.barrier = True
+        self._stash_input(chunk, resume_at)
+        if not self.cycles:
+            self._lift_barrier()
+
+    def _lift_barrier(self) -> None:
+        self.barrier = False
+        self._resume_input()
+
+    def _stash_input(self, chunk: bytes | memoryview, resume_at: int) -> None:
+        """Keep what followed (in order) until a hold or barrier is released."""
+        self.held_input = bytearray(chunk[resume_at:]) + self.framer.take_tail() + self.held_input
         if len(self.held_input) > HELD_INPUT_LIMIT:
             self._refuse_held_input()
 
-    def _buffer_behind_hold(self, data: bytes) -> None:
+    def _buffer_input(self, data: bytes) -> None:
         self.held_input += data
         if len(self.held_input) > HELD_INPUT_LIMIT:
             self._refuse_held_input()
+
+    def _resume_input(self) -> None:
+        pending, self.held_input = bytes(self.held_input), bytearray()
+        if pending and self.phase is not Phase.CLOSED:
+            try:
+                self._relay_client(pending)
+            except wire.ProtocolError as exc:
+                self._fatal(sqlstate.PROTOCOL_VIOLATION, f"protocol violation: {exc}")
 
     def _refuse_held_input(self) -> None:
         if self.held is not None:
@@ -577,20 +730,17 @@ class ClientSession(asyncio.Protocol):
         if decision.action == "allow":
             up.write(self.held_unit)
             self.pending_watch = _Watch(hold)
-            if not self.held_batch:
-                self._sync_forwarded()
+            if self.held_batch:
+                self.open_extended = True
+            else:
+                self._boundary(_Q)
         elif self.held_batch:
             self.tracker.rollback(self.batch_mark)
-            self.skipping = decision
+            self._poison(decision, sync=False)
         else:
-            self._send_poison(decision)
+            self._poison(decision, sync=True)
         self.held_unit = b""
-        pending, self.held_input = bytes(self.held_input), bytearray()
-        if pending:
-            try:
-                self._relay_client(pending)
-            except wire.ProtocolError as exc:
-                self._fatal(sqlstate.PROTOCOL_VIOLATION, f"protocol violation: {exc}")
+        self._resume_input()
 
     # ---------------------------------------------------- upstream → client relay
     def upstream_data(self, data: bytes) -> None:
@@ -613,11 +763,18 @@ class ClientSession(asyncio.Protocol):
                 self._server_event(kind, chunk, start, end)
         self.bytes_out += len(chunk)
         transport.write(chunk)
+        if self.barrier and not self.cycles and self.held is None:
+            self._lift_barrier()
 
     def _server_event(self, kind: int, chunk: bytes | memoryview, start: int, end: int) -> None:
         if kind == _Z:
             if self.cycles:
                 self.cycles.popleft()
+            else:
+                # A ReadyForQuery nobody expected: the proxy is out of step with
+                # the server. Forget what it believed, so nothing is vouched for.
+                log.error("session %s: unexpected ReadyForQuery; forgetting statements", self.id)
+                self.tracker.reset()
             self.tracker.ready()
             status = bytes(chunk[end - 1 : end])
             self.tx_status = status
@@ -633,42 +790,103 @@ class ClientSession(asyncio.Protocol):
             self.tracker.close_complete()
         elif kind == _ERR:
             self.tracker.error()
-        elif self.phase is Phase.IN_QUERY:  # CopyIn/CopyOut/CopyBoth response
-            self.phase = advance(self.phase, "copy")
+            if not self.cycles and self.open_extended:
+                self.open_error = True
+        elif kind == _PSTATUS:
+            self._parameter_status(*wire.decode_parameter_status(chunk, start, end))
+        else:  # CopyInResponse, CopyOutResponse, CopyBothResponse
+            if kind != _COPY_OUT:
+                self._copy_in_started()
+            if self.phase is Phase.IN_QUERY:
+                self.phase = advance(self.phase, "copy")
+
+    def _parameter_status(self, name: str, value: str) -> None:
+        if not lexing_setting_is_safe(name, value):
+            log.warning("session %s: server reports %s=%s; ending the session", self.id, name,
+                        value)
+            self._fatal(sqlstate.FEATURE_NOT_SUPPORTED,
+                        f"pgvouch cannot vouch for statements with {name}={value}; "
+                        "the session is closed")
+
+    def _copy_in_started(self) -> None:
+        """The server entered COPY IN while answering the oldest cycle.
+
+        From the copy-starting message until the client's CopyDone/CopyFail,
+        the server ignores Sync and Flush, so Syncs the proxy already counted
+        in that stretch bring no ReadyForQuery: forget them (their tracked
+        Parse/Bind move on to the cycle that really ends them), and count no
+        further Sync until the copy ends.
+        """
+        cycles = self.cycles
+        index = 0
+        if cycles and (cycles[0].boundary != _S or cycles[0].copyends_before > 0):
+            index = 1  # a Query started the copy; its own boundary is real
+        while (index < len(cycles) and cycles[index].boundary == _S
+               and cycles[index].copyends_before == 0 and cycles[index].subst is None
+               and cycles[index].watch is None):
+            del cycles[index]
+            self.tracker.merge_boundary(index)
+        if index >= len(cycles) and self.copyends == 0:
+            self.client_copy = True
 
     def _relay_slow(self, chunk: bytes | memoryview, messages: list[tuple[int, int, int]]) -> None:
-        """Relay while some cycle needs attention: a poison's answer or a watched statement."""
+        """Relay while some cycle needs attention: a poison's answer, a watched
+        statement, or the probe."""
         out: list[bytes | memoryview] = []
         for kind, start, end in messages:
-            current = self.cycles[0] if self.cycles else None
-            if not isinstance(current, Decision):
-                if isinstance(current, _Watch):
-                    if kind == _ERR and current.error is None:
-                        current.error = wire.decode_error_fields(chunk, start, end).get("M", "error")
-                    elif kind == _Z:
-                        self.watchers -= 1
-                        current.hold.finished(current.error is None, current.error)
-                if kind in _WATCH:
-                    self._server_event(kind, chunk, start, end)
-                out.append(chunk[start:end])
-                continue
-            # the current cycle answers a poison: drop it, keep async messages
-            if kind == _Z:
-                out.append(wire.error_response(
-                    current.sqlstate or sqlstate.POLICY_DENIED, current.message,
-                    detail=current.detail, hint=current.hint,
-                ))
-                out.append(chunk[start:end])
-                self.substitutions -= 1
+            current = self.cycles[0] if self.cycles else self.open_cycle
+            if self.probe and not self.cycles and self.tracker.pending_now() == 0:
+                if kind == _PARSE_OK and self.probe == 1:
+                    self.probe = 2
+                    continue
+                if kind == _CLOSE_OK and self.probe == 2:
+                    self._flush_out(out)
+                    out = []
+                    self._probe_answered(ok=True)
+                    continue
+            if current is not None and current.subst is not None and kind == _ERR \
+                    and not current.replaced:
+                current.replaced = True
+                fields = wire.decode_error_fields(chunk, start, end)
+                if is_poison_error(fields):
+                    decision = current.subst
+                    out.append(wire.error_response(
+                        decision.sqlstate or sqlstate.POLICY_DENIED, decision.message,
+                        detail=decision.detail, hint=decision.hint,
+                    ))
+                else:
+                    # an earlier, allowed part of the cycle failed on its own: the
+                    # server skipped the poison, and the client sees that error
+                    out.append(chunk[start:end])
                 self._server_event(kind, chunk, start, end)
-            elif kind in _KEEP_WHEN_SWALLOWING:
-                out.append(chunk[start:end])
-            elif kind == _ERR:
-                self.tracker.error()
+                continue
+            if current is not None and current.watch is not None:
+                watch = current.watch
+                if kind == _ERR and watch.error is None:
+                    watch.error = wire.decode_error_fields(chunk, start, end).get("M", "error")
+                elif kind == _Z:
+                    self.watchers -= 1
+                    watch.hold.finished(watch.error is None, watch.error)
+            if current is not None and kind == _Z and current.subst is not None:
+                self.substitutions -= 1
+            if kind in _WATCH:
+                self._server_event(kind, chunk, start, end)
+            out.append(chunk[start:end])
+            if kind == _ERR and self.probe and self.open_error:
+                self._flush_out(out)
+                out = []
+                self._probe_answered(ok=False)
+        self._flush_out(out)
+        if self.barrier and not self.cycles and self.held is None:
+            self._lift_barrier()
+
+    def _flush_out(self, out: list[bytes | memoryview]) -> None:
+        if not out:
+            return
         data = b"".join(out)
         self.bytes_out += len(data)
-        assert self.transport is not None
-        self.transport.write(data)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     # ------------------------------------------------------------------ closing
     def _fatal(self, code: str, message: str, hint: str | None = None) -> None:

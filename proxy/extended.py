@@ -115,6 +115,25 @@ class ExtendedTracker:
         while len(cycle) > mark:
             cycle.pop()
 
+    def merge_boundary(self, index: int) -> None:
+        """A sync point the server ignored (a Sync during COPY IN): join its cycle to the next."""
+        if index + 1 >= len(self._cycles):
+            return
+        ops = self._cycles[index]
+        del self._cycles[index]
+        self._cycles[index].extendleft(reversed(ops))
+
+    def pending_now(self) -> int:
+        """Parse/Bind/Close the server has yet to answer in the cycle it is working on."""
+        return len(self._cycles[0])
+
+    def reset(self) -> None:
+        """Forget everything: every later Execute is "cannot tell" until redefined."""
+        self.statements.clear()
+        self.portals.clear()
+        for pending in self._cycles:
+            pending.clear()
+
     def sync(self) -> None:
         """The client's Sync (or a simple Query, or a FunctionCall) ends the open cycle."""
         self._cycles.append(deque())
@@ -128,10 +147,7 @@ class ExtendedTracker:
         if op.kind != kind:
             # Out of step with the server: forget everything, so every later
             # Execute is "cannot tell" (the strictest case) until redefined.
-            self.statements.clear()
-            self.portals.clear()
-            for pending in self._cycles:
-                pending.clear()
+            self.reset()
             return None
         return op
 

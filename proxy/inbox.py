@@ -19,7 +19,11 @@ _HEADER = struct.Struct("!Bi")
 
 
 class Inbox:
-    __slots__ = ("_buf", "_closed", "_limit", "_remote", "_waiter")
+    __slots__ = ("_buf", "_closed", "_limit", "_paused", "_remote", "_transport", "_waiter")
+
+    # Past this much unread data the transport is paused: a client that
+    # pipelines while the proxy logs in upstream cannot grow memory.
+    HIGH_WATER = 1024 * 1024
 
     def __init__(self, limit: int, remote: str) -> None:
         self._buf = bytearray()
@@ -27,10 +31,24 @@ class Inbox:
         self._closed: BaseException | None = None
         self._limit = limit
         self._remote = remote
+        self._transport: asyncio.Transport | None = None
+        self._paused = False
+
+    def attach(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
 
     def feed(self, data: bytes) -> None:
         self._buf += data
+        if len(self._buf) > self.HIGH_WATER and self._transport is not None and not self._paused:
+            self._transport.pause_reading()
+            self._paused = True
         self._wake()
+
+    def _maybe_resume(self) -> None:
+        if self._paused and len(self._buf) <= self.HIGH_WATER and self._transport is not None:
+            self._paused = False
+            if not self._transport.is_closing():
+                self._transport.resume_reading()
 
     def close(self, exc: BaseException | None = None) -> None:
         self._closed = exc or ConnectionResetError(f"{self._remote} closed the connection")
@@ -55,6 +73,7 @@ class Inbox:
             await self._wait()
         data = bytes(self._buf[:n])
         del self._buf[:n]
+        self._maybe_resume()
         return data
 
     async def read_message(self) -> tuple[int, bytes]:
@@ -69,6 +88,7 @@ class Inbox:
                 if len(self._buf) >= length + 1:
                     body = bytes(self._buf[5 : length + 1])
                     del self._buf[: length + 1]
+                    self._maybe_resume()
                     return kind, body
             await self._wait()
 
@@ -76,4 +96,5 @@ class Inbox:
         """Everything buffered so far (handed to the relay when the handshake ends)."""
         data = bytes(self._buf)
         self._buf.clear()
+        self._maybe_resume()
         return data

@@ -31,6 +31,38 @@ _C_SPACE = " \t\n\v\f\r"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 
 
+# Client encodings whose multibyte characters may end in an ASCII byte (a
+# backslash, say): the server would read the bytes differently from the UTF-8
+# the proxy decodes, so what the decider sees is not what runs.
+_UNSAFE_ENCODINGS = frozenset({
+    "sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004",
+    "big5", "win950", "windows950", "gbk", "win936", "windows936", "cp936",
+    "uhc", "win949", "windows949", "gb18030", "johab",
+})
+_LEXING_WORDS = ("encoding", "conforming", "backslash_quote", "set_config", "u&")
+
+
+def lexing_setting_is_safe(name: str, value: str) -> bool:
+    """Whether a setting leaves SQL lexed the way the proxy reads it."""
+    name = name.lower()
+    if name == "client_encoding":
+        return "".join(ch for ch in value.lower() if ch.isalnum()) not in _UNSAFE_ENCODINGS
+    if name == "standard_conforming_strings":
+        return value.lower() in ("on", "true", "yes", "1")
+    return True
+
+
+def changes_lexing(sql: str) -> bool:
+    """Whether a statement might change how the server lexes later statements.
+
+    Cheap and deliberately broad (a substring test): such a statement is a
+    barrier, so the proxy learns the server's new settings before it decides
+    on anything sent after it.
+    """
+    lowered = sql.lower()
+    return any(word in lowered for word in _LEXING_WORDS)
+
+
 class StartupRefused(Exception):
     def __init__(self, code: str, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -148,6 +180,14 @@ def resolve(settings: Settings, params: dict[str, str]) -> Target:
             )
         if name in _HANDLED:
             raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"setting {name!r} is not allowed in options")
+    for name, value in [*options.items(), *top_level.items()]:
+        if not lexing_setting_is_safe(name, value):
+            raise StartupRefused(
+                sqlstate.FEATURE_NOT_SUPPORTED,
+                f"{name}={value} is not supported through pgvouch: the proxy could not read "
+                "statements the way the server does",
+                hint="Use client_encoding UTF8 and standard_conforming_strings on.",
+            )
     if "pgvouch.hold" in pgvouch and pgvouch["pgvouch.hold"] not in ("wait", "retry"):
         raise StartupRefused(sqlstate.NOT_AUTHORIZED, "pgvouch.hold must be wait or retry")
 
