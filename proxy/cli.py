@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from config.settings import Settings, load_settings
 from config.yamlnodes import ConfigError
+from policies.cli import add_policy_commands
 from proxy import scram
 from proxy.decide import Decider
 from proxy.logs import setup_logging
@@ -42,15 +43,32 @@ async def run_proxy(
 ) -> None:
     """Run the proxy and its API until SIGTERM/SIGINT, then drain."""
     from proxy.api import start_api
+    from proxy.policy_decider import PolicyDecider, load_live_policies
     from proxy.server import ProxyServer
 
     proxy = ProxyServer(settings, decider)
+    watcher: asyncio.Task[None] | None = None
+    loop = asyncio.get_running_loop()
+    if decider is None:
+        if settings.policies:
+            live = load_live_policies(
+                settings.policies,
+                {name: user.groups for name, user in settings.users.items()},
+                on_reload=lambda result: proxy.metrics.policy_reloads.labels(result).inc(),
+            )
+            proxy.decider = PolicyDecider(live)
+            watcher = loop.create_task(live.watch())
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, live.reload)
+            log.info("policies loaded from %s (%d policies)", live.path,
+                     len(live.current.policies))
+        else:
+            log.warning("no `policies:` configured: every statement is ALLOWED (foundation mode)")
     await proxy.start()
     runner = await start_api(proxy)
     if runner is not None:
         log.info("API on http://%s:%d", settings.api.host, settings.api.port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -63,6 +81,8 @@ async def run_proxy(
         log.info("shutting down: draining sessions")
         await proxy.drain()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if runner is not None:
             await runner.cleanup()
     log.info("stopped")
@@ -76,7 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     setup_logging(settings.log_format, settings.log_level)
     _event_loop_policy()
-    asyncio.run(run_proxy(settings))
+    try:
+        asyncio.run(run_proxy(settings))
+    except ConfigError as exc:
+        print(f"pgvouch: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -142,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the password from standard input instead of prompting")
     hash_.add_argument("--iterations", type=int, default=scram.DEFAULT_ITERATIONS)
     hash_.set_defaults(func=cmd_user_hash)
+    add_policy_commands(sub)
     return parser
 
 

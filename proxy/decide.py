@@ -52,6 +52,8 @@ class SessionInfo:
     application_name: str = ""
     client_addr: str = ""
     options: dict[str, str] = field(default_factory=dict)
+    # per-session memory for deciders (e.g. SQL-level PREPAREd statements)
+    state: dict[str, object] = field(default_factory=dict, compare=False)
 
 
 class Hold(Protocol):

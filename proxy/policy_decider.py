@@ -1,0 +1,154 @@
+"""Policies in the proxy: the decider behind ``decide()``, and policy reloads.
+
+Owns: turning a session's unit into a classification (tracking SQL-level
+PREPARE per session so EXECUTE takes the prepared statement's kind), asking
+``policies.evaluate`` for the decision, and mapping it to what the session
+does: allow, deny (SQLSTATE 42501 naming the policy), or review (held for
+approval when an approvals service is configured, else refused with PV001).
+It also owns the live policy set: loading it, reloading it on SIGHUP or when
+a file changes, and keeping the old set when a new one does not load.
+
+Must not: classify or evaluate itself (``policies`` does), or touch sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from config.yamlnodes import ConfigError
+from policies.classify import Classification, StatementInfo, classify, combined, unknown
+from policies.evaluate import Decision as PolicyDecision
+from policies.evaluate import Identity, evaluate
+from policies.loader import load_policies, policy_files
+from policies.model import Action, PolicySet
+from policies.prepared import after_statement
+from proxy import sqlstate
+from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
+
+log = logging.getLogger("pgvouch.policy")
+
+
+class LivePolicies:
+    """The policy set in force; replaced only by a set that loaded cleanly."""
+
+    def __init__(self, path: str, users: Mapping[str, tuple[str, ...]],
+                 on_reload: Callable[[str], None] | None = None) -> None:
+        self.path = path
+        self.users = dict(users)
+        self._on_reload = on_reload
+        self.current: PolicySet = load_policies(path, users=self.users)  # raises: fail closed
+        self._signature = self._files_signature()
+        self.last_error: str | None = None
+
+    def _files_signature(self) -> tuple[tuple[str, float, int], ...]:
+        result = []
+        for file in policy_files(self.path):
+            try:
+                stat = file.stat()
+            except OSError:
+                continue
+            result.append((str(file), stat.st_mtime, stat.st_size))
+        return tuple(result)
+
+    def reload(self) -> bool:
+        """Load the directory again; on any error keep the current set."""
+        self._signature = self._files_signature()
+        try:
+            fresh = load_policies(self.path, users=self.users)
+        except ConfigError as exc:
+            self.last_error = str(exc)
+            log.error("policy reload refused, the previous policies stay in force: %s", exc)
+            if self._on_reload:
+                self._on_reload("error")
+            return False
+        self.current = fresh
+        self.last_error = None
+        log.info("policies reloaded from %s (%d policies)", self.path, len(fresh.policies))
+        if self._on_reload:
+            self._on_reload("ok")
+        return True
+
+    def changed_on_disk(self) -> bool:
+        return self._files_signature() != self._signature
+
+    async def watch(self, interval: float = 2.0) -> None:
+        """Reload when a policy file is added, removed or modified."""
+        while True:
+            await asyncio.sleep(interval)
+            if self.changed_on_disk():
+                self.reload()
+
+
+class Reviewer(Protocol):
+    """The approvals side: turns a review decision into a hold (or a refusal)."""
+
+    def review(self, session: SessionInfo, unit: Unit, classification: Classification,
+               decision: PolicyDecision) -> Decision: ...
+
+
+def describe_steps(decision: PolicyDecision) -> str:
+    return "; ".join(
+        f"{step.name}: {step.required} of {', '.join(step.approvers)}" for step in decision.steps
+    )
+
+
+class PolicyDecider:
+    def __init__(self, policies: LivePolicies, reviewer: Reviewer | None = None) -> None:
+        self.policies = policies
+        self.reviewer = reviewer
+
+    def classify_unit(self, session: SessionInfo, unit: Unit) -> Classification:
+        prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]
+        parts: list[Classification] = []
+        for statement in unit.statements:
+            if statement.sql is None:
+                what = ("a FunctionCall" if statement.via == "function-call"
+                        else "an Execute of a portal the proxy cannot tell")
+                parts.append(unknown(f"{what} cannot be classified"))
+                continue
+            classification = classify(statement.sql, prepared=prepared)
+            for info in classification.statements:
+                prepared = after_statement(prepared, info, confirmed=False)
+            parts.append(classification)
+        session.state["prepared"] = prepared
+        return parts[0] if len(parts) == 1 else combined(parts)
+
+    def decide(self, session: SessionInfo, unit: Unit) -> Decision:
+        classification = self.classify_unit(session, unit)
+        decision = evaluate(
+            classification, Identity(session.user, session.groups), session.resource,
+            session.account, self.policies.current,
+        )
+        if decision.action is Action.ALLOW:
+            return ALLOW
+        kinds = ", ".join(sorted({s.kind.value for s in classification.statements})) or "none"
+        if decision.action is Action.DENY:
+            who = f'policy "{decision.policy}"' if decision.policy else "the default policy"
+            text = decision.message or "this statement is not allowed"
+            return deny(
+                f"pgvouch: denied by {who}: {text}",
+                code=sqlstate.POLICY_DENIED,
+                detail=f"Statement kind: {kinds}. {decision.reason}",
+                policy=decision.policy,
+            )
+        if self.reviewer is not None:
+            return self.reviewer.review(session, unit, classification, decision)
+        return deny(
+            f'pgvouch: approval required by policy "{decision.policy}": '
+            f"{decision.message or 'this statement needs review'}",
+            code=sqlstate.APPROVAL_REQUIRED,
+            detail=f"Statement kind: {kinds}. Steps: {describe_steps(decision)}.",
+            hint="This proxy has no approvals store configured, so the statement cannot be held.",
+            policy=decision.policy,
+        )
+
+
+def load_live_policies(path: str, users: Mapping[str, tuple[str, ...]],
+                       on_reload: Callable[[str], None] | None = None) -> LivePolicies:
+    if not Path(path).is_dir():
+        raise ConfigError(f"{path}: the policies directory does not exist")
+    return LivePolicies(path, users, on_reload)
