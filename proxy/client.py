@@ -94,6 +94,10 @@ class _Cycle:
         self.watch: _Watch | None = None
 
 
+_PLAIN_SYNC = _Cycle(_S, 0, None)  # shared, never modified
+_PLAIN_QUERY = _Cycle(_Q, 0, None)
+
+
 class _Watch:
     """A released hold whose statement is in flight: report how it went."""
 
@@ -570,11 +574,12 @@ class ClientSession(asyncio.Protocol):
                 assert up is not None
                 up.write(bytes(self.batch_buf))
                 self.batch_buf.clear()
-            self._write_up(chunk, fwd, boundary)
+            # the batch's bytes in this chunk stay pending from ``fwd``: they go
+            # out with whatever follows (usually the Sync) in one write
             self.open_extended = True
             if any(s.sql is not None and changes_lexing(s.sql) for s in statements):
                 self.barrier_pending = True
-            return boundary
+            return fwd
         self.batch_buf.clear()
         self.tracker.rollback(self.batch_mark)
         self._poison(decision, sync=False)
@@ -582,6 +587,13 @@ class ClientSession(asyncio.Protocol):
 
     def _boundary(self, kind: int, subst: Decision | None = None) -> None:
         """A Sync, Query or FunctionCall went upstream: one more ReadyForQuery to come."""
+        if (subst is None and self.open_cycle is None and self.pending_watch is None
+                and not self.copyends):
+            # the common case: nothing to remember about this cycle but its kind
+            self.cycles.append(_PLAIN_SYNC if kind == _S else _PLAIN_QUERY)
+            self.tracker.sync()
+            self.open_extended = self.open_error = self.probe_ok = False
+            return
         cycle = self.open_cycle or _Cycle(kind, 0, None)
         self.open_cycle = None
         cycle.boundary = kind

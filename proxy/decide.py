@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 from proxy import sqlstate
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Statement:
     """One thing that will run upstream.
 
@@ -34,7 +34,7 @@ class Statement:
     param_types: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unit:
     statements: tuple[Statement, ...]
     extended: bool = False

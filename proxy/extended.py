@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import islice
 from typing import TypeVar, cast
 
 from proxy.decide import Statement
@@ -64,16 +65,19 @@ class ExtendedTracker:
         exists, a message skipped after an error), so it is believed only when
         it agrees with every other candidate, the confirmed one included.
         """
-        for op in reversed(self._cycles[-1]):
+        cycles = self._cycles
+        for op in reversed(cycles[-1]):
             if op.kind == kind and op.name == name:
-                return cast(_V | None, op.value)
+                return cast("_V | None", op.value)
+        if len(cycles) == 1:  # nothing older in flight: the common case
+            return confirmed.get(name)
         candidates: list[_V | None] = []
         if name in confirmed:
             candidates.append(confirmed[name])
-        for cycle in list(self._cycles)[:-1]:
+        for cycle in islice(cycles, len(cycles) - 1):
             for op in cycle:
                 if op.kind == kind and op.name == name:
-                    candidates.append(cast(_V | None, op.value))
+                    candidates.append(cast("_V | None", op.value))
         if not candidates:
             return None
         first = candidates[0]

@@ -15,6 +15,7 @@ Must not: authenticate or do I/O.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from config.settings import Account, Resource, Settings
@@ -39,7 +40,7 @@ _UNSAFE_ENCODINGS = frozenset({
     "big5", "win950", "windows950", "gbk", "win936", "windows936", "cp936",
     "uhc", "win949", "windows949", "gb18030", "johab",
 })
-_LEXING_WORDS = ("encoding", "conforming", "backslash_quote", "set_config", "u&")
+_LEXING_WORDS = re.compile(r"encoding|conforming|backslash_quote|set_config|u&", re.IGNORECASE)
 
 
 def lexing_setting_is_safe(name: str, value: str) -> bool:
@@ -59,8 +60,7 @@ def changes_lexing(sql: str) -> bool:
     barrier, so the proxy learns the server's new settings before it decides
     on anything sent after it.
     """
-    lowered = sql.lower()
-    return any(word in lowered for word in _LEXING_WORDS)
+    return _LEXING_WORDS.search(sql) is not None
 
 
 class StartupRefused(Exception):

@@ -372,10 +372,14 @@ def body_reader(chunk: bytes | memoryview, start: int, end: int, remote: str = "
 
 
 def decode_query(chunk: bytes | memoryview, start: int, end: int) -> str:
-    r = body_reader(chunk, start, end)
-    text = r.cstring()
-    r.done()
-    return text
+    """The SQL of a Query message (exactly one terminating NUL, valid UTF-8)."""
+    raw = bytes(chunk[start + 5 : end - 1])
+    if end - start < 6 or chunk[end - 1] != 0 or b"\x00" in raw:
+        raise ProtocolError("malformed Query message")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError("string is not valid UTF-8") from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,770 @@
+"""The relay benchmark: pgbench against PostgreSQL directly, pgbouncer and pgvouch.
+
+Owns: starting a throwaway PostgreSQL (:class:`proxy.pgcluster.LocalPostgres`)
+with a ``pgbench -i`` database, a pgbouncer in session mode and a pgvouch
+(``pgvouch serve``, its own process, as users run it) in front of it, running
+pgbench select-only (simple, extended, prepared) and TPC-B-like at 1 and 16
+clients against all three, and printing one table of tps, latency and the
+ratios pgvouch/direct and pgvouch/pgbouncer. The three targets of a cell are
+run back to back, in an order that rotates from cell to cell and round to
+round, so drift (cache warm-up, CPU frequency, autovacuum) hits all of them
+alike; 1-client cells pin every process to one CPU (see :class:`Placement`).
+Results also go to ``bench/results/latest.json``.
+
+The targets the issue sets are ratios from one run on the 2-core dev
+machine: on every select-only mode pgvouch reaches at least 0.9x pgbouncer's
+tps at 16 clients and 0.8x at 1 client. Cells below them are marked.
+
+Must not: import the proxy's internals beyond the cluster launcher, or
+decide anything about the proxy's design; it only measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import pwd
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from proxy.pgcluster import LocalPostgres, PgClusterError, find_client_binary  # noqa: E402
+
+HOST = "127.0.0.1"
+DATABASE = "bench"
+ROLE = "bench_user"
+ROLE_PASSWORD = "bench-secret-password"
+CLIENT_USER = "bench"  # the person pgvouch and pgbouncer see; trust auth for both
+RESULTS = REPO / "bench" / "results" / "latest.json"
+PROFILE = REPO / "bench" / "results" / "pgvouch-profile.txt"
+SCALE = 10
+CLIENT_COUNTS = (1, 16)
+TARGETS = ("direct", "pgbouncer", "pgvouch")
+# Minimum pgvouch/pgbouncer tps ratio by client count, for select-only modes.
+GOALS = {1: 0.8, 16: 0.9}
+START_TIMEOUT = 30.0
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs is missing or did not start."""
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    pgbench_args: tuple[str, ...]
+    select_only: bool
+
+
+MODES = (
+    Mode("select-only simple", ("-S", "-M", "simple"), True),
+    Mode("select-only extended", ("-S", "-M", "extended"), True),
+    Mode("select-only prepared", ("-S", "-M", "prepared"), True),
+    Mode("tpcb-like simple", ("-M", "simple"), False),
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where pgbench connects, and as whom."""
+
+    name: str
+    port: int
+    user: str
+    password: str | None = None
+    log: Path | None = None
+    pid: int | None = None  # the proxy process, whose CPU time each run records
+
+
+@dataclass(frozen=True)
+class Run:
+    """One pgbench invocation's figures."""
+
+    tps: float
+    latency_ms: float
+    transactions: int
+    failed: int
+    seconds: float
+    proxy_cpu_seconds: float | None = None
+
+
+@dataclass
+class Measured:
+    """All runs of one target in one cell, combined.
+
+    tps and latency are medians over the runs, so the odd run disturbed by
+    other work on a small shared machine does not drag the figure the way it
+    would drag a mean.
+    """
+
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def tps(self) -> float:
+        return statistics.median(run.tps for run in self.runs) if self.runs else 0.0
+
+    @property
+    def mean_tps(self) -> float:
+        return statistics.fmean(run.tps for run in self.runs) if self.runs else 0.0
+
+    @property
+    def latency_ms(self) -> float:
+        return statistics.median(run.latency_ms for run in self.runs) if self.runs else 0.0
+
+    @property
+    def cpu_us_per_transaction(self) -> float | None:
+        """The proxy's own CPU time (user + system) per transaction."""
+        cpu = [run.proxy_cpu_seconds for run in self.runs]
+        done = sum(run.transactions for run in self.runs)
+        if not done or any(c is None for c in cpu):
+            return None
+        return 1e6 * sum(c for c in cpu if c is not None) / done
+
+
+@dataclass
+class Cell:
+    mode: Mode
+    clients: int
+    by_target: dict[str, Measured] = field(
+        default_factory=lambda: {name: Measured() for name in TARGETS}
+    )
+
+    def ratio(self, baseline: str) -> float:
+        base = self.by_target[baseline].tps
+        return self.by_target["pgvouch"].tps / base if base else 0.0
+
+    @property
+    def goal(self) -> float | None:
+        return GOALS.get(self.clients) if self.mode.select_only else None
+
+    @property
+    def meets_goal(self) -> bool | None:
+        goal = self.goal
+        return None if goal is None else self.ratio("pgbouncer") >= goal
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without PG* variables that would redirect libpq."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(extra)
+    return env
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    """``sig``, then SIGKILL if the process has not exited after a while."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def wait_accepting(port: int, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{what} exited with {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{what} did not listen on {HOST}:{port}:\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def unprivileged_user(pg: LocalPostgres) -> pwd.struct_passwd | None:
+    """The user the cluster runs as when we are root (pgbouncer refuses root too)."""
+    return pwd.getpwnam(pg.run_as) if pg.run_as is not None else None
+
+
+def private_dir(prefix: str, owner: pwd.struct_passwd | None) -> Path:
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    return path
+
+
+# -- PostgreSQL ------------------------------------------------------------------
+
+
+def start_postgres(stack: contextlib.ExitStack) -> LocalPostgres:
+    pg = LocalPostgres(max_connections=150)
+    stack.callback(pg.stop)
+    pg.start()
+    return pg
+
+
+def prepare_database(pg: LocalPostgres, pgbench: str) -> None:
+    """A SCRAM login role owning ``bench``, filled by ``pgbench -i -s SCALE``."""
+    pg.create_role(ROLE, ROLE_PASSWORD, "scram-sha-256")
+    pg.create_database(DATABASE, owner=ROLE)
+    result = subprocess.run(
+        [pgbench, "-i", "-s", str(SCALE), "-q", "-h", HOST, "-p", str(pg.port),
+         "-U", ROLE, DATABASE],
+        env=clean_env(PGPASSWORD=ROLE_PASSWORD), capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        raise BenchError(f"pgbench -i failed:\n{result.stderr}")
+
+
+# -- pgbouncer -------------------------------------------------------------------
+
+
+def find_pgbouncer() -> str:
+    """pgbouncer on PATH or in /usr/sbin; installs the Debian package as root."""
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is not None:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise BenchError(
+            "pgbouncer is not installed: install it (Debian/Ubuntu: "
+            "`sudo apt-get install -y pgbouncer`) and run the benchmark again"
+        )
+    print("pgbouncer not found: installing the Debian package", file=sys.stderr)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "pgbouncer"]
+    # apt's chatter goes to stderr, so stdout stays the table.
+    chatter = sys.stderr.fileno()
+    if subprocess.run(install, env=env, stdout=chatter, check=False).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=chatter, check=False)
+        subprocess.run(install, env=env, stdout=chatter, check=True)
+    found = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+    if found is None:
+        raise BenchError("apt-get installed pgbouncer, but no pgbouncer binary was found")
+    return found
+
+
+def version_line(binary: str) -> str:
+    output = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
+    return output.stdout.splitlines()[0].strip() if output.stdout else "unknown"
+
+
+def start_pgbouncer(
+    stack: contextlib.ExitStack, binary: str, pg: LocalPostgres
+) -> Target:
+    """pgbouncer in session mode; it logs in upstream with the role's password."""
+    owner = unprivileged_user(pg)
+    workdir = private_dir("pgvouch-bench-pgbouncer-", owner)
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    port = free_port()
+    userlist = workdir / "userlist.txt"
+    userlist.write_text(f'"{CLIENT_USER}" "unused-with-trust"\n')
+    ini = workdir / "pgbouncer.ini"
+    log = workdir / "pgbouncer.log"
+    ini.write_text(
+        "[databases]\n"
+        f"{DATABASE} = host={HOST} port={pg.port} dbname={DATABASE} "
+        f"user={ROLE} password={ROLE_PASSWORD}\n"
+        "\n[pgbouncer]\n"
+        f"listen_addr = {HOST}\n"
+        f"listen_port = {port}\n"
+        "unix_socket_dir =\n"
+        "auth_type = trust\n"
+        f"auth_file = {userlist}\n"
+        "pool_mode = session\n"
+        "max_client_conn = 200\n"
+        "default_pool_size = 40\n"
+        f"logfile = {log}\n"
+        "log_connections = 0\n"
+        "log_disconnections = 0\n"
+    )
+    for path in (userlist, ini):
+        path.chmod(0o600)
+        if owner is not None:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    proc = subprocess.Popen(
+        [binary, str(ini)], cwd=workdir, env=clean_env(),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        user=None if owner is None else owner.pw_uid,
+        group=None if owner is None else owner.pw_gid,
+        extra_groups=None if owner is None else [],
+    )
+    stack.callback(stop_process, proc)
+    wait_accepting(port, proc, log, "pgbouncer")
+    return Target("pgbouncer", port, CLIENT_USER, log=log, pid=proc.pid)
+
+
+# -- pgvouch ---------------------------------------------------------------------
+
+
+def pgvouch_command() -> list[str]:
+    """The ``pgvouch`` console script next to this Python, else ``-m proxy.cli``."""
+    script = Path(sys.executable).with_name("pgvouch")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "proxy.cli"]
+
+
+def start_pgvouch(
+    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    workdir = Path(tempfile.mkdtemp(prefix="pgvouch-bench-proxy-"))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    port, api_port = free_port(), free_port()
+    config = workdir / "pgvouch.yaml"
+    log = workdir / "pgvouch.log"
+    policies_line = f"policies: {json.dumps(str(policies.resolve()))}\n" if policies else ""
+    config.write_text(
+        f"listen: {{host: {HOST}, port: {port}}}\n"
+        f"api: {{host: {HOST}, port: {api_port}}}\n"
+        "client_auth: trust\n"
+        "limits: {drain_timeout: 2s}\n"
+        "resources:\n"
+        f"  - name: {DATABASE}\n"
+        f"    host: {HOST}\n"
+        f"    port: {pg.port}\n"
+        f"    database: {DATABASE}\n"
+        "    accounts:\n"
+        "      - name: app\n"
+        f"        user: {ROLE}\n"
+        "        password_env: BENCH_PASSWORD\n"
+        "users:\n"
+        f"  - name: {CLIENT_USER}\n"
+        "log: {level: WARNING}\n" + policies_line
+    )
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [*pgvouch_command(), "serve", "--config", str(config)],
+            cwd=REPO, env=clean_env(BENCH_PASSWORD=ROLE_PASSWORD),
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    stack.callback(stop_process, proc)
+    wait_accepting(port, proc, log, "pgvouch")
+    wait_ready(api_port, proc, log)
+    return Target("pgvouch", port, CLIENT_USER, log=log, pid=proc.pid), proc
+
+
+def wait_ready(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    url = f"http://{HOST}:{api_port}/readyz"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"pgvouch exited with {proc.returncode}:\n{tail(log)}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as reply:
+            if reply.status == 200:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"pgvouch's {url} never answered 200:\n{tail(log)}")
+
+
+def start_profiler(
+    stack: contextlib.ExitStack, pid: int
+) -> subprocess.Popen[bytes]:
+    """py-spy sampling pgvouch while it holds the GIL (on CPU), collapsed stacks into PROFILE."""
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        raise BenchError("--profile needs py-spy: pip install py-spy")
+    PROFILE.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+         "--gil", "--nonblocking", "--output", str(PROFILE)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    stack.callback(stop_process, proc, signal.SIGINT)
+    return proc
+
+
+def profile_summary(path: Path, top: int = 25) -> str:
+    """The functions with the most samples of their own in a collapsed py-spy profile."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        # "name (/long/path/file.py:123)" -> "name (file.py)": one row per function
+        frames = [re.sub(r"\s*\((?:[^)]*/)?([^/):]+)(?::\d+)?\)", r" (\1)", f)
+                  for f in stack.split(";")]
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return "(empty profile)"
+    lines = [f"pgvouch profile, {total} samples: self% incl%  function (file)"]
+    for frame, count in own.most_common(top):
+        lines.append(f"{100 * count / total:5.1f} {100 * inclusive[frame] / total:5.1f}  {frame}")
+    return "\n".join(lines)
+
+
+# -- CPU placement ----------------------------------------------------------------
+
+
+class Placement:
+    """Which CPUs pgbench, PostgreSQL and the proxies may run on, per cell.
+
+    At 1 client a transaction is a strict relay race (pgbench, proxy,
+    backend, proxy, pgbench), and on a small VM a wake-up across CPUs costs
+    more than the work itself: unpinned runs of the same target differ 3-5x
+    depending on where the scheduler put each process. So 1-client cells
+    run with every process on one CPU, which measures the work each hop adds
+    and repeats within a few percent; 16-client cells use all CPUs.
+    """
+
+    def __init__(self, pg: LocalPostgres, proxies: Sequence[int], enabled: bool) -> None:
+        self.all_cpus = os.sched_getaffinity(0)
+        self.one_cpu = {min(self.all_cpus)}
+        self.enabled = enabled and len(self.all_cpus) > 1
+        self._postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
+        self._proxies = list(proxies)
+
+    def cpus_for(self, clients: int) -> set[int]:
+        return self.one_cpu if self.enabled and clients == 1 else self.all_cpus
+
+    def apply(self, clients: int) -> None:
+        """Pin PostgreSQL (every backend, pooled ones too), the proxies and us (so pgbench)."""
+        if not self.enabled:
+            return
+        cpus = self.cpus_for(clients)
+        for pid in [self._postmaster, *children(self._postmaster), *self._proxies]:
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                    os.sched_setaffinity(int(task.name), cpus)
+        os.sched_setaffinity(0, cpus)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "not pinned"
+        return f"1-client cells pinned to CPU {min(self.one_cpu)}; 16-client cells on all CPUs"
+
+
+def children(parent: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == parent:
+                found.append(int(stat.parent.name))
+    return found
+
+
+# -- pgbench ---------------------------------------------------------------------
+
+_TPS = re.compile(r"^tps = ([\d.]+)", re.M)
+_LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.M)
+_DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
+_FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+
+
+def parse_pgbench(output: str, seconds: float, proxy_cpu_seconds: float | None = None) -> Run:
+    tps, latency, done = _TPS.search(output), _LATENCY.search(output), _DONE.search(output)
+    if tps is None or latency is None or done is None:
+        raise BenchError(f"cannot read pgbench's output:\n{output}")
+    failed = _FAILED.search(output)
+    return Run(
+        tps=float(tps.group(1)),
+        latency_ms=float(latency.group(1)),
+        transactions=int(done.group(1)),
+        failed=int(failed.group(1)) if failed else 0,
+        seconds=seconds,
+        proxy_cpu_seconds=proxy_cpu_seconds,
+    )
+
+
+def run_pgbench(pgbench: str, target: Target, mode: Mode, clients: int, seconds: int) -> Run:
+    argv = [
+        pgbench, "-n", "-h", HOST, "-p", str(target.port), "-U", target.user,
+        "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
+        *mode.pgbench_args, DATABASE,
+    ]
+    env = clean_env(PGPASSWORD=target.password) if target.password else clean_env()
+    cpu_before = cpu_seconds(target.pid) if target.pid is not None else 0.0
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    cpu_used = cpu_seconds(target.pid) - cpu_before if target.pid is not None else None
+    if result.returncode != 0:
+        raise BenchError(
+            f"pgbench against {target.name} ({mode.name}, {clients} clients) failed "
+            f"with {result.returncode}:\n{result.stderr.strip()}"
+            + (f"\n{target.name} log:\n{tail(target.log)}" if target.log else "")
+        )
+    return parse_pgbench(result.stdout, seconds, cpu_used)
+
+
+def reset_tpcb(pg: LocalPostgres) -> None:
+    """What pgbench's own pre-run vacuum does, done directly so every target starts alike."""
+    pg.psql(
+        "VACUUM pgbench_branches, pgbench_tellers; TRUNCATE pgbench_history;",
+        database=DATABASE,
+    )
+
+
+def rotated(items: Sequence[Target], by: int) -> list[Target]:
+    shift = by % len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+def measure(
+    pg: LocalPostgres,
+    pgbench: str,
+    targets: Sequence[Target],
+    placement: Placement,
+    seconds_per_round: int,
+    rounds: int,
+) -> Iterator[Cell]:
+    """Every (mode, clients) cell; targets interleaved, order rotating per round."""
+    turn = 0
+    for mode in MODES:
+        for clients in CLIENT_COUNTS:
+            cell = Cell(mode, clients)
+            for _ in range(rounds):
+                for target in rotated(targets, turn):
+                    if not mode.select_only:
+                        reset_tpcb(pg)
+                    placement.apply(clients)
+                    run = run_pgbench(pgbench, target, mode, clients, seconds_per_round)
+                    cell.by_target[target.name].runs.append(run)
+                turn += 1
+            yield cell
+
+
+# -- output ----------------------------------------------------------------------
+
+
+def _cpu(measured: Measured) -> str:
+    value = measured.cpu_us_per_transaction
+    return "-" if value is None else f"{value:.1f}"
+
+
+def render_table(cells: Sequence[Cell]) -> str:
+    header = (
+        f"{'mode':<21} {'cli':>3} | {'tps direct':>10} {'pgbouncer':>9} {'pgvouch':>9} | "
+        f"{'lat ms dir':>10} {'pgbouncer':>9} {'pgvouch':>9} | "
+        f"{'vouch/dir':>9} {'vouch/bnc':>9} {'goal':>4} {'':<5} | "
+        f"{'cpu us/tx bnc':>13} {'vouch':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for cell in cells:
+        t = cell.by_target
+        goal, meets = cell.goal, cell.meets_goal
+        mark = "" if meets is None else ("ok" if meets else "BELOW")
+        lines.append(
+            f"{cell.mode.name:<21} {cell.clients:>3} | "
+            f"{t['direct'].tps:>10.0f} {t['pgbouncer'].tps:>9.0f} {t['pgvouch'].tps:>9.0f} | "
+            f"{t['direct'].latency_ms:>10.3f} {t['pgbouncer'].latency_ms:>9.3f} "
+            f"{t['pgvouch'].latency_ms:>9.3f} | "
+            f"{cell.ratio('direct'):>8.3f}x {cell.ratio('pgbouncer'):>8.3f}x "
+            f"{'' if goal is None else f'{goal:.1f}x':>4} {mark:<5} | "
+            f"{_cpu(t['pgbouncer']):>13} {_cpu(t['pgvouch']):>6}"
+        )
+    return "\n".join(lines)
+
+
+def cell_json(cell: Cell) -> dict[str, object]:
+    return {
+        "mode": cell.mode.name,
+        "pgbench_args": list(cell.mode.pgbench_args),
+        "clients": cell.clients,
+        "threads": min(cell.clients, 2),
+        "targets": {
+            name: {
+                "tps": round(m.tps, 1),
+                "mean_tps": round(m.mean_tps, 1),
+                "latency_ms": round(m.latency_ms, 4),
+                "proxy_cpu_us_per_transaction": m.cpu_us_per_transaction,
+                "runs": [asdict(run) for run in m.runs],
+            }
+            for name, m in cell.by_target.items()
+        },
+        "pgvouch_vs_direct": round(cell.ratio("direct"), 3),
+        "pgvouch_vs_pgbouncer": round(cell.ratio("pgbouncer"), 3),
+        "goal_vs_pgbouncer": cell.goal,
+        "meets_goal": cell.meets_goal,
+    }
+
+
+def git_revision() -> str:
+    result = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True, text=True, check=False,
+    )
+    return result.stdout.strip() or "unknown"
+
+
+def write_results(path: Path, meta: dict[str, object], cells: Sequence[Cell]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"meta": meta, "cells": [cell_json(cell) for cell in cells]}
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="pgbench against PostgreSQL directly, pgbouncer (session mode) and pgvouch.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run to check the setup: 3 s per target and cell, 1 round")
+    parser.add_argument("--duration", type=int, metavar="SECONDS",
+                        help="seconds each target runs in each cell, split over the rounds "
+                             "(default 10, or 3 with --quick)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved rounds per cell, each a run of every target "
+                             "(default 5, or 1 with --quick): short alternating runs average "
+                             "out the run-to-run spread of a shared 2-core machine")
+    parser.add_argument("--policies", type=Path, metavar="DIR",
+                        help="run pgvouch with this policy directory (config key `policies`)")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"record pgvouch with py-spy into {PROFILE.relative_to(REPO)} "
+                             "and print its hottest functions")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let the scheduler place every process in 1-client cells too "
+                             "(noisy on a small VM; see Placement)")
+    parser.add_argument("--output", type=Path, default=RESULTS,
+                        help="where to write the JSON results (default: %(default)s)")
+    args = parser.parse_args(argv)
+    args.duration = args.duration or (3 if args.quick else 10)
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    if args.duration < args.rounds:
+        parser.error("--duration must give each round at least one second")
+    if args.policies is not None and not args.policies.is_dir():
+        parser.error(f"--policies {args.policies}: not a directory")
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cell]]:
+    """Start everything, measure every cell, stop everything; the figures and their context."""
+    seconds_per_round = args.duration // args.rounds
+    pgbench = find_client_binary("pgbench")
+    pgbouncer = find_pgbouncer()
+    with contextlib.ExitStack() as stack:
+        print("starting PostgreSQL ...", file=sys.stderr)
+        pg = start_postgres(stack)
+        print(f"pgbench -i -s {SCALE} ...", file=sys.stderr)
+        prepare_database(pg, pgbench)
+        bouncer = start_pgbouncer(stack, pgbouncer, pg)
+        vouch, vouch_proc = start_pgvouch(stack, pg, args.policies)
+        targets = [Target("direct", pg.port, ROLE, ROLE_PASSWORD), bouncer, vouch]
+        print("warming up ...", file=sys.stderr)
+        for target in targets:
+            run_pgbench(pgbench, target, MODES[0], 2, 2 if args.quick else 5)
+        profiler = start_profiler(stack, vouch_proc.pid) if args.profile else None
+        total = len(MODES) * len(CLIENT_COUNTS) * len(targets) * args.rounds
+        print(
+            f"measuring: {total} pgbench runs of {seconds_per_round} s "
+            f"(about {total * seconds_per_round / 60:.1f} min)",
+            file=sys.stderr,
+        )
+        cells: list[Cell] = []
+        proxies = [target.pid for target in targets if target.pid is not None]
+        placement = Placement(pg, proxies, enabled=not args.no_pin)
+        for cell in measure(pg, pgbench, targets, placement, seconds_per_round, args.rounds):
+            cells.append(cell)
+            print(
+                f"  {cell.mode.name}, {cell.clients} clients: "
+                + ", ".join(f"{n} {m.tps:.0f} tps" for n, m in cell.by_target.items()),
+                file=sys.stderr,
+            )
+        if profiler is not None:
+            stop_process(profiler, signal.SIGINT)
+        meta: dict[str, object] = {
+            "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "git": git_revision(),
+            "postgres": f"PostgreSQL {pg.version}",
+            "pgbouncer": version_line(pgbouncer),
+            "pgbench": version_line(pgbench),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "scale": SCALE,
+            "seconds_per_run": seconds_per_round,
+            "rounds": args.rounds,
+            "placement": placement.describe(),
+            "policies": str(args.policies) if args.policies else None,
+            "goals_vs_pgbouncer_select_only": GOALS,
+        }
+    return meta, cells
+
+
+def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Cell]) -> None:
+    write_results(args.output, meta, cells)
+    below = sum(cell.meets_goal is False for cell in cells)
+    print()
+    print(render_table(cells))
+    print()
+    print(
+        f"goal: pgvouch/pgbouncer tps >= {GOALS[16]}x at 16 clients and >= {GOALS[1]}x at "
+        f"1 client on every select-only mode; {below} cell(s) BELOW.\n"
+        f"tps and latency are medians of {args.rounds} interleaved run(s) of "
+        f"{meta['seconds_per_run']} s per target; cpu us/tx is the proxy process's own "
+        "user+system CPU per transaction.\n"
+        f"{meta['postgres']}, {meta['pgbouncer']}, {meta['pgbench']}, {meta['cpus']} CPUs "
+        f"shared by everything; {meta['placement']}."
+    )
+    print(f"results: {args.output}")
+    if args.profile and PROFILE.exists():
+        print()
+        print(profile_summary(PROFILE))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _interrupt)
+    try:
+        meta, cells = run_benchmark(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything started was stopped", file=sys.stderr)
+        return 130
+    except (BenchError, PgClusterError) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        return 1
+    report(args, meta, cells)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
