@@ -103,6 +103,41 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class HoldSettings:
+    mode: str = "wait"  # wait | retry
+    wait_timeout: float = 600.0  # how long a held client waits for a decision
+    approved_ttl: float = 3600.0  # how long an approved statement may be re-sent
+    expires_after: float = 8 * 3600.0  # a pending request expires after this
+    heartbeat: float = 60.0  # NOTICE interval while waiting
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    secret_env: str
+    events: tuple[str, ...] = ()  # empty: every event
+
+    def secret(self) -> str:
+        value = os.environ.get(self.secret_env)
+        if not value:
+            raise ConfigError(f"webhook {self.url}: environment variable {self.secret_env} is not set")
+        return value
+
+
+@dataclass(frozen=True)
+class Integration:
+    name: str
+    secret_env: str
+    approvers: tuple[str, ...]  # user names or group:NAME it may speak for
+
+    def secret(self) -> str:
+        value = os.environ.get(self.secret_env)
+        if not value:
+            raise ConfigError(f"integration {self.name}: {self.secret_env} is not set")
+        return value
+
+
+@dataclass(frozen=True)
 class Settings:
     listen: Listen
     api: Api
@@ -115,6 +150,11 @@ class Settings:
     log_level: str = "INFO"
     policies: str | None = None
     source: str = "<memory>"
+    store: str = "sqlite:///pgvouch.db"
+    hold: HoldSettings = field(default_factory=HoldSettings)
+    audit_reads: bool = False
+    webhooks: tuple[Webhook, ...] = ()
+    integrations: tuple[Integration, ...] = ()
 
     def groups_of(self, user: str) -> tuple[str, ...]:
         entry = self.users.get(user)
@@ -228,7 +268,57 @@ def _limits(node: Node | None) -> Limits:
 
 TOP_KEYS = (
     "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log", "policies",
+    "store", "hold", "audit", "notify", "integrations",
 )
+EVENT_TYPES = (
+    "request.created", "request.voted", "request.step_completed", "request.approved",
+    "request.denied", "request.cancelled", "request.expired", "request.executing",
+    "request.executed", "request.failed", "request.revoked",
+)
+
+
+def _hold(node: Node | None) -> HoldSettings:
+    d = HoldSettings()
+    if node is None:
+        return d
+    m = node.mapping(("mode", "wait_timeout", "approved_ttl", "expires_after", "heartbeat"))
+    return HoldSettings(
+        mode=m["mode"].choice(("wait", "retry")) if "mode" in m else d.mode,
+        wait_timeout=m["wait_timeout"].duration() if "wait_timeout" in m else d.wait_timeout,
+        approved_ttl=m["approved_ttl"].duration() if "approved_ttl" in m else d.approved_ttl,
+        expires_after=m["expires_after"].duration() if "expires_after" in m else d.expires_after,
+        heartbeat=m["heartbeat"].duration() if "heartbeat" in m else d.heartbeat,
+    )
+
+
+def _webhooks(node: Node | None) -> tuple[Webhook, ...]:
+    if node is None:
+        return ()
+    m = node.mapping(("webhooks",))
+    hooks = []
+    for item in m["webhooks"].items() if "webhooks" in m else []:
+        h = item.mapping(("url", "secret_env", "events"), ("url", "secret_env"))
+        url = h["url"].str()
+        if not url.startswith(("http://", "https://")):
+            raise h["url"].error("a webhook url must start with http:// or https://")
+        events = tuple(h["events"].str_list()) if "events" in h else ()
+        for event, item_node in zip(events, h["events"].items() if "events" in h else [],
+                                     strict=False):
+            if event not in EVENT_TYPES:
+                raise item_node.error(f"unknown event {event!r}")
+        hooks.append(Webhook(url, h["secret_env"].str(), events))
+    return tuple(hooks)
+
+
+def _integrations(node: Node | None) -> tuple[Integration, ...]:
+    if node is None:
+        return ()
+    result = []
+    for item in node.items():
+        m = item.mapping(("name", "secret_env", "approvers"), ("name", "secret_env", "approvers"))
+        result.append(Integration(m["name"].str(), m["secret_env"].str(),
+                                  tuple(m["approvers"].str_list())))
+    return tuple(result)
 
 
 def settings_from_node(root: Node) -> Settings:
@@ -275,7 +365,19 @@ def settings_from_node(root: Node) -> Settings:
         # Relative paths are relative to the config file, so a config and its
         # policy directory can move together (Docker, Kubernetes ConfigMaps).
         policies = str((Path(root.file).parent / m["policies"].str()).resolve())
+    store = m["store"].str() if "store" in m else "sqlite:///pgvouch.db"
+    if not store.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise m["store"].error("store must be sqlite:///PATH or postgresql://...")
+    audit_reads = False
+    if "audit" in m:
+        am = m["audit"].mapping(("reads",))
+        audit_reads = am["reads"].bool() if "reads" in am else False
     return Settings(
+        store=store,
+        hold=_hold(m.get("hold")),
+        audit_reads=audit_reads,
+        webhooks=_webhooks(m.get("notify")),
+        integrations=_integrations(m.get("integrations")),
         listen=Listen(listen_host, listen_port),
         api=api,
         tls=tls,

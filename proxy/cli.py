@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from approvals.service import ApprovalService
 from config.settings import Settings, load_settings
 from config.yamlnodes import ConfigError
 from policies.cli import add_policy_commands
@@ -43,12 +44,14 @@ async def run_proxy(
 ) -> None:
     """Run the proxy and its API until SIGTERM/SIGINT, then drain."""
     from proxy.api import start_api
+    from proxy.approval_hold import ApprovalReviewer
     from proxy.policy_decider import PolicyDecider, load_live_policies
     from proxy.server import ProxyServer
 
     proxy = ProxyServer(settings, decider)
-    watcher: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
+    service = None
     if decider is None:
         if settings.policies:
             live = load_live_policies(
@@ -56,8 +59,11 @@ async def run_proxy(
                 {name: user.groups for name, user in settings.users.items()},
                 on_reload=lambda result: proxy.metrics.policy_reloads.labels(result).inc(),
             )
-            proxy.decider = PolicyDecider(live)
-            watcher = loop.create_task(live.watch())
+            service = await open_approvals(settings)
+            proxy.approvals = service
+            proxy.decider = PolicyDecider(live, ApprovalReviewer(service, settings))
+            tasks.append(loop.create_task(live.watch()))
+            tasks.append(loop.create_task(service.run_sweeper()))
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, live.reload)
             log.info("policies loaded from %s (%d policies)", live.path,
@@ -81,11 +87,28 @@ async def run_proxy(
         log.info("shutting down: draining sessions")
         await proxy.drain()
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        for task in tasks:
+            task.cancel()
         if runner is not None:
             await runner.cleanup()
+        if service is not None:
+            await service.store.close()
     log.info("stopped")
+
+
+async def open_approvals(settings: Settings) -> ApprovalService:
+    """The approvals store and service; a store that is down now heals when it returns."""
+    from approvals.store import StoreError, open_store
+
+    store = await open_store(settings.store, connect=False)
+    try:
+        await store.start()
+    except StoreError as exc:
+        log.error("approvals store %s is unavailable (%s): statements that need review will be "
+                  "refused until it is back", settings.store.split("@")[-1], exc)
+    directory = {name: user.groups for name, user in settings.users.items()}
+    return ApprovalService(store, directory,
+                           webhooks=[(hook.url, hook.events) for hook in settings.webhooks])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -375,6 +375,7 @@ class ClientSession(asyncio.Protocol):
             application_name=target.upstream_params.get("application_name", ""),
             client_addr=self.peer,
             options=dict(target.pgvouch),
+            server_params=dict(parameters),
         )
         out = [wire.auth_ok()]
         out += [wire.parameter_status(name, value) for name, value in parameters]
@@ -712,8 +713,13 @@ class ClientSession(asyncio.Protocol):
             self.transport.write(wire.notice_response(text, code=sqlstate.APPROVAL_REQUIRED))
 
     async def _wait_for_hold(self, hold: Hold) -> None:
-        self._notice(hold.notice)
         try:
+            first = await hold.start()
+            if isinstance(first, Decision):
+                if self.phase is not Phase.CLOSED:
+                    self._release(hold, first)
+                return
+            self._notice(first)
             outcome = asyncio.ensure_future(hold.outcome())
             while not outcome.done():
                 try:
@@ -813,6 +819,8 @@ class ClientSession(asyncio.Protocol):
                 self.phase = advance(self.phase, "copy")
 
     def _parameter_status(self, name: str, value: str) -> None:
+        if self.info is not None:
+            self.info.server_params[name] = value
         if not lexing_setting_is_safe(name, value):
             log.warning("session %s: server reports %s=%s; ending the session", self.id, name,
                         value)

@@ -54,21 +54,25 @@ class SessionInfo:
     options: dict[str, str] = field(default_factory=dict)
     # per-session memory for deciders (e.g. SQL-level PREPAREd statements)
     state: dict[str, object] = field(default_factory=dict, compare=False)
+    # the server's current ParameterStatus values (search_path, session_authorization, ...)
+    server_params: dict[str, str] = field(default_factory=dict, compare=False)
 
 
 class Hold(Protocol):
     """A unit waiting for people to decide; the session keeps it out of upstream.
 
-    The session sends ``notice`` at once, ``heartbeat()`` every
-    ``heartbeat_interval`` seconds while waiting, forwards the unit only if
-    ``outcome`` resolves to an ``allow`` Decision, and reports what happened
-    with ``finished``. ``cancel`` is called when the client cancels (Ctrl-C)
-    or goes away; ``outcome`` must then resolve promptly.
+    The session awaits ``start()``: a Decision ends the hold at once (an
+    approval already granted, retry mode, a store failure); a string is the
+    NOTICE to send while waiting. It then sends ``heartbeat()`` every
+    ``heartbeat_interval`` seconds, forwards the unit only if ``outcome``
+    resolves to an ``allow`` Decision, and reports what happened with
+    ``finished``. ``cancel`` is called when the client cancels (Ctrl-C) or
+    goes away; ``outcome`` must then resolve promptly.
     """
 
-    notice: str
     heartbeat_interval: float
 
+    def start(self) -> Awaitable[Decision | str]: ...
     def outcome(self) -> Awaitable[Decision]: ...
     def heartbeat(self) -> str | None: ...
     def cancel(self, reason: str) -> None: ...

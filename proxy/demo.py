@@ -61,6 +61,7 @@ def _write_config(cluster: LocalPostgres, base: Path, port: int, api_port: int,
               - name: readonly
                 user: demo_ro
                 password_file: {base / "demo_ro.password"}
+        store: sqlite:///{base / "pgvouch.db"}
         """) + policies + "users:\n" + users
     path = base / "pgvouch.yaml"
     path.write_text(text)

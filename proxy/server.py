@@ -18,6 +18,7 @@ import secrets
 import ssl
 import time
 
+from approvals.service import ApprovalService
 from config.settings import Settings
 from proxy import sqlstate
 from proxy.client import ClientSession
@@ -46,6 +47,7 @@ class ProxyServer:
         self.sessions: set[ClientSession] = set()
         self.by_key: dict[int, ClientSession] = {}
         self.listener: asyncio.Server | None = None
+        self.approvals: ApprovalService | None = None
         self.draining = False
         self.started_at = time.time()
         self._total = 0

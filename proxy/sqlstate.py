@@ -21,7 +21,11 @@ CONNECTION_FAILURE: Final = "08006"  # upstream connection lost mid-session
 ADMIN_SHUTDOWN: Final = "57P01"  # proxy shutting down (drain timeout reached)
 FEATURE_NOT_SUPPORTED: Final = "0A000"  # e.g. replication connections through the proxy
 POLICY_DENIED: Final = "42501"  # a policy denies the statement
-APPROVAL_REQUIRED: Final = "PV001"  # the statement needs approval (held or refused)
+APPROVAL_REQUIRED: Final = "PV001"  # the statement needs approval (retry mode, or cannot be held)
+APPROVAL_TIMEOUT: Final = "PV002"  # no decision within hold.wait_timeout; the request stays pending
+APPROVAL_DENIED: Final = "PV003"  # a reviewer denied the request (the message carries the note)
+APPROVAL_CLOSED: Final = "PV004"  # the request expired, was cancelled, or its approval lapsed
+STORE_UNAVAILABLE: Final = "PV005"  # the approvals store cannot be used; nothing needing review runs
 HELD_INPUT_LIMIT: Final = "54000"  # too much pipelined behind a held statement
 QUERY_CANCELED: Final = "57014"  # the client cancelled a held statement (Ctrl-C)
 INTERNAL_ERROR: Final = "XX000"  # the proxy failed; the statement was NOT forwarded
@@ -41,7 +45,14 @@ DOCUMENTED: Final = {
     ADMIN_SHUTDOWN: "The proxy is shutting down and the drain timeout ran out.",
     FEATURE_NOT_SUPPORTED: "Replication connections are not supported through the proxy.",
     POLICY_DENIED: "A policy denies the statement; the message names the policy.",
-    APPROVAL_REQUIRED: "The statement needs human approval.",
+    APPROVAL_REQUIRED: "The statement needs approval: in retry mode the message carries the "
+    "request id to re-send after approval; also when a hold is impossible (no reachable quorum).",
+    APPROVAL_TIMEOUT: "Nobody decided within hold.wait_timeout; the request stays pending and "
+    "the identical statement may be re-sent once it is approved.",
+    APPROVAL_DENIED: "A reviewer denied the request; the message carries their note.",
+    APPROVAL_CLOSED: "The request expired or was cancelled, or its approval lapsed.",
+    STORE_UNAVAILABLE: "The approvals store is unavailable: statements that need review are "
+    "not run (allowed statements keep flowing).",
     HELD_INPUT_LIMIT: "The client pipelined more than 1 MiB behind a held statement; "
     "the connection is closed.",
     QUERY_CANCELED: "The client cancelled a statement while it waited for approval.",

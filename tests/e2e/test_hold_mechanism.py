@@ -32,6 +32,9 @@ class ManualHold:
         self.cancelled: str | None = None
         self.beats = 0
 
+    async def start(self) -> Decision | str:
+        return self.notice
+
     def outcome(self) -> asyncio.Future[Decision]:
         return self.future
 
