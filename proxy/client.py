@@ -188,7 +188,7 @@ class ClientSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.upstream is not None and self.phase not in (Phase.CLOSED,):
             self.bytes_in += len(data)
-            if self.held is not None or self.barrier:
+            if self.held is not None or self.barrier or self.probe:
                 self._buffer_input(data)
                 return
             try:

@@ -124,3 +124,31 @@ def test_proxy_key_is_not_the_upstream_key(proxy):
     with psycopg.connect(proxy.dsn("alice")) as conn:
         upstream_pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
         assert conn.info.backend_pid != upstream_pid
+
+
+def test_query_after_unsynced_batch_keeps_later_packets_in_order(proxy, pg):
+    """asyncpg's COPY: Parse/Describe/Flush, then a COPY Query, then the data in
+    later packets. The proxy probes the server before forwarding the Query; bytes
+    that arrive meanwhile must wait their turn."""
+    from tests.rawclient import FLUSH, bind, execute, parse
+
+    pg.psql("CREATE TABLE IF NOT EXISTS copy_probe(x int); TRUNCATE copy_probe; "
+            "GRANT ALL ON copy_probe TO pgv_scram")
+    c = RawClient(proxy.port)
+    c.startup("alice", PASSWORDS["alice"])
+    c.send(wire.query("BEGIN"))
+    c.read_until_ready()
+    # the server is busy with the flushed batch while the probe waits behind it,
+    # so the copy data arrives while the probe is unanswered
+    c.send(parse("", "SELECT pg_sleep(0.4)") + bind("", "") + execute() + FLUSH
+           + wire.query("COPY copy_probe FROM STDIN"))
+    time.sleep(0.1)
+    c.send(wire.message(b"d", b"1\n"))
+    time.sleep(0.05)
+    c.send(wire.message(b"d", b"2\n") + wire.message(b"c"))
+    kinds = [k for k, _ in c.read_until_ready()]
+    assert kinds == ["1", "2", "D", "C", "G", "C", "Z"]
+    c.send(wire.query("COMMIT"))
+    assert c.read_until_ready()[-1] == ("Z", b"I")
+    c.close()
+    assert pg.psql("SELECT sum(x) FROM copy_probe").strip() == "3"
