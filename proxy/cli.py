@@ -47,6 +47,7 @@ async def run_proxy(
     from proxy.approval_hold import ApprovalReviewer
     from proxy.policy_decider import PolicyDecider, load_live_policies
     from proxy.server import ProxyServer
+    from proxy.statement_audit import StatementAuditor
 
     proxy = ProxyServer(settings, decider)
     tasks: list[asyncio.Task[None]] = []
@@ -61,9 +62,11 @@ async def run_proxy(
             )
             service = await open_approvals(settings)
             proxy.approvals = service
-            proxy.decider = PolicyDecider(live, ApprovalReviewer(service, settings))
+            auditor = StatementAuditor(service.store, reads=settings.audit_reads)
+            proxy.decider = PolicyDecider(live, ApprovalReviewer(service, settings), auditor)
             tasks.append(loop.create_task(live.watch()))
             tasks.append(loop.create_task(service.run_sweeper()))
+            tasks.append(loop.create_task(auditor.run()))
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, live.reload)
             log.info("policies loaded from %s (%d policies)", live.path,
@@ -89,6 +92,7 @@ async def run_proxy(
     finally:
         for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
         if service is not None:

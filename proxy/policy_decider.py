@@ -23,13 +23,18 @@ from config.yamlnodes import ConfigError
 from policies.classify import Classification, StatementInfo, classify, combined, unknown
 from policies.evaluate import Decision as PolicyDecision
 from policies.evaluate import Identity, evaluate
+from policies.kinds import Kind
 from policies.loader import load_policies, policy_files
 from policies.model import Action, PolicySet
 from policies.prepared import after_statement
 from proxy import sqlstate
 from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
+from proxy.statement_audit import AuditedAllow, StatementAuditor, statement_event
 
 log = logging.getLogger("pgvouch.policy")
+
+# Not audited unless audit.reads is on: reads, and transaction/session control.
+_UNAUDITED = frozenset({Kind.READ, Kind.SESSION})
 
 
 class LivePolicies:
@@ -97,9 +102,11 @@ def describe_steps(decision: PolicyDecision) -> str:
 
 
 class PolicyDecider:
-    def __init__(self, policies: LivePolicies, reviewer: Reviewer | None = None) -> None:
+    def __init__(self, policies: LivePolicies, reviewer: Reviewer | None = None,
+                 auditor: StatementAuditor | None = None) -> None:
         self.policies = policies
         self.reviewer = reviewer
+        self.auditor = auditor
 
     def classify_unit(self, session: SessionInfo, unit: Unit) -> Classification:
         prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]
@@ -123,12 +130,26 @@ class PolicyDecider:
             classification, Identity(session.user, session.groups), session.resource,
             session.account, self.policies.current,
         )
+        auditor = self.auditor
         if decision.action is Action.ALLOW:
-            return ALLOW
+            if auditor is None:
+                return ALLOW
+            if all(s.kind in _UNAUDITED for s in classification.statements):
+                if auditor.reads:
+                    auditor.enqueue(statement_event("statement.allowed", session, unit,
+                                                    classification, decision.policy,
+                                                    decision.reason))
+                return ALLOW
+            event = statement_event("statement.allowed", session, unit, classification,
+                                    decision.policy, decision.reason)
+            return Decision("hold", policy=decision.policy, hold=AuditedAllow(auditor, event))
         kinds = ", ".join(sorted({s.kind.value for s in classification.statements})) or "none"
         if decision.action is Action.DENY:
             who = f'policy "{decision.policy}"' if decision.policy else "the default policy"
             text = decision.message or "this statement is not allowed"
+            if auditor is not None:
+                auditor.enqueue(statement_event("statement.denied", session, unit, classification,
+                                                decision.policy, decision.reason))
             return deny(
                 f"pgvouch: denied by {who}: {text}",
                 code=sqlstate.POLICY_DENIED,

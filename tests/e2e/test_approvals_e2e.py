@@ -20,6 +20,7 @@ from approvals.store import open_store
 from approvals.workflow import WorkflowError
 from proxy.approval_hold import ApprovalReviewer
 from proxy.policy_decider import PolicyDecider, load_live_policies
+from proxy.statement_audit import StatementAuditor
 from tests.conftest import GROUPS, PASSWORDS, PSQL, RunningProxy, make_settings
 
 POLICY = """
@@ -28,6 +29,8 @@ policies:
     match: {resources: ["app"]}
     rules:
       - when: {kinds: [read, session]}
+        action: allow
+      - when: {kinds: [write], tables: ["audited_free"]}
         action: allow
       - when: {kinds: [write]}
         action: review
@@ -77,7 +80,9 @@ def _start(pg, tmp_path: Path, extra: str = "", store_url: str | None = None):
     groups = {u: tuple(g) for u, g in GROUPS.items()}
     service = ApprovalService(store, groups)
     live = load_live_policies(str(directory), groups)
-    proxy.server.decider = PolicyDecider(live, ApprovalReviewer(service, settings))
+    auditor = StatementAuditor(store)
+    proxy.server.decider = PolicyDecider(live, ApprovalReviewer(service, settings), auditor)
+    proxy.loop.call_soon_threadsafe(lambda: proxy.loop.create_task(auditor.run(interval=0.05)))
     return proxy, Approvals(proxy, service)
 
 
@@ -227,4 +232,43 @@ def test_restart_keeps_pending_and_approved_requests(pg, tmp_path):
         assert pg.psql("SELECT count(*) FROM events WHERE payload = 'after restart'").strip() == "1"
     finally:
         proxy.call(approvals.service.store.close())
+        proxy.stop()
+
+
+def test_statements_are_audited_writes_durably_before_they_run(held, pg):
+    proxy, approvals = held
+    pg.psql("CREATE TABLE IF NOT EXISTS audited_free(x int); GRANT ALL ON audited_free TO pgv_scram")
+    proxy.psql("-c", "INSERT INTO audited_free VALUES (42)")
+    proxy.psql("-c", "SELECT count(*) FROM accounts")
+    proxy.psql("-c", "DROP TABLE accounts", check=False)
+
+    def events():
+        return approvals.run(approvals.service.store.audit(None, 1000))
+
+    deadline = time.time() + 5
+    while time.time() < deadline and not any(e.type == "statement.denied" for e in events()):
+        time.sleep(0.1)
+    found = events()
+    allowed = [e for e in found if e.type == "statement.allowed"]
+    assert [e.data["statements"] for e in allowed] == [["INSERT INTO audited_free VALUES (42)"]]
+    assert allowed[0].actor == "alice" and allowed[0].data["kinds"] == ["write"]
+    denied = [e for e in found if e.type == "statement.denied"]
+    assert denied and denied[0].data["statements"] == ["DROP TABLE accounts"]
+    assert not any("SELECT count(*)" in str(e.data) for e in found)  # reads: not by default
+    assert approvals.run(approvals.service.store.verify_audit()).ok
+
+
+def test_allowed_write_is_refused_when_the_audit_log_cannot_be_written(pg, tmp_path):
+    proxy, approvals = _start(pg, tmp_path)
+    try:
+        pg.psql("CREATE TABLE IF NOT EXISTS audited_free(x int); GRANT ALL ON audited_free TO pgv_scram; "
+                "TRUNCATE audited_free")
+        proxy.call(approvals.service.store.close())
+        (tmp_path / "approvals.db").unlink()
+        (tmp_path / "approvals.db").mkdir()
+        r = proxy.psql("-c", "INSERT INTO audited_free VALUES (1)", check=False)
+        assert "audit log cannot be written" in r.stderr
+        assert pg.psql("SELECT count(*) FROM audited_free").strip() == "0"
+        assert proxy.psql("-c", "SELECT 1").stdout.strip() == "1"
+    finally:
         proxy.stop()
