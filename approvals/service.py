@@ -145,12 +145,12 @@ class ApprovalService:
         return count
 
     # -- waiting ---------------------------------------------------------------------
-    async def wait_change(self, request_id: str, timeout: float) -> None:
-        """Return when the request changes here, or after ``timeout`` (poll fallback)."""
+    async def wait_change(self, request_id: str, within: float) -> None:
+        """Return when the request changes here, or after ``within`` seconds (poll fallback)."""
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(request_id, []).append(future)
         try:
-            await asyncio.wait_for(future, timeout)
+            await asyncio.wait_for(future, within)
         except TimeoutError:
             pass
         finally:
