@@ -61,6 +61,11 @@ async def run_proxy(
                 on_reload=lambda result: proxy.metrics.policy_reloads.labels(result).inc(),
             )
             service = await open_approvals(settings)
+            service.listeners.append(proxy.metrics.observe_request)
+            with contextlib.suppress(Exception):
+                pending = await service.store.list(status="pending", resource_glob=None,
+                                                   limit=100_000)
+                proxy.metrics.requests_pending.set(len(pending))
             proxy.approvals = service
             auditor = StatementAuditor(service.store, reads=settings.audit_reads)
             proxy.decider = PolicyDecider(live, ApprovalReviewer(service, settings), auditor)

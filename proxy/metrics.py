@@ -11,10 +11,10 @@ closed sessions alive.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -71,3 +71,38 @@ class ProxyMetrics:
             "pgvouch_policy_reloads", "Policy reloads by result", ["result"],
             registry=self.registry,
         )
+        self.requests_pending = Gauge(
+            "pgvouch_requests_pending", "Approval requests waiting for a decision",
+            registry=self.registry,
+        )
+        self.request_decisions = Counter(
+            "pgvouch_request_decisions", "Approval requests by final decision", ["outcome"],
+            registry=self.registry,
+        )
+        self.decision_seconds = Histogram(
+            "pgvouch_request_decision_seconds", "Time from request to decision",
+            buckets=(5, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 8 * 3600, 24 * 3600),
+            registry=self.registry,
+        )
+        self.webhook_deliveries = Counter(
+            "pgvouch_webhook_deliveries", "Outbound webhook deliveries by result", ["result"],
+            registry=self.registry,
+        )
+
+    def observe_request(self, request: Any, events: Sequence[Any]) -> None:
+        """An approvals-service listener: count creations and decisions."""
+        for event in events:
+            kind = str(event.type)
+            if kind == "request.created":
+                self.requests_pending.inc()
+            elif kind in _DECISIONS:
+                self.requests_pending.dec()
+                self.request_decisions.labels(_DECISIONS[kind]).inc()
+                if request.decided_at is not None:
+                    self.decision_seconds.observe(max(0.0, request.decided_at - request.created_at))
+
+
+_DECISIONS = {
+    "request.approved": "approved", "request.denied": "denied",
+    "request.cancelled": "cancelled", "request.expired": "expired",
+}
