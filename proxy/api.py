@@ -11,6 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from approvals.api import add_approval_routes
 from proxy.server import ProxyServer
 
 PROXY = web.AppKey("proxy", ProxyServer)
@@ -39,6 +40,8 @@ def make_app(proxy: ProxyServer) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    if proxy.approvals is not None:
+        add_approval_routes(app, proxy.approvals, proxy.settings)
     return app
 
 

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from approvals.cli import add_approval_commands
 from approvals.service import ApprovalService
 from config.settings import Settings, load_settings
 from config.yamlnodes import ConfigError
@@ -43,6 +44,7 @@ async def run_proxy(
     on_ready: Callable[[], Awaitable[None] | None] | None = None,
 ) -> None:
     """Run the proxy and its API until SIGTERM/SIGINT, then drain."""
+    from approvals.webhooks import DeliveryWorker
     from proxy.api import start_api
     from proxy.approval_hold import ApprovalReviewer
     from proxy.policy_decider import PolicyDecider, load_live_policies
@@ -72,6 +74,10 @@ async def run_proxy(
             tasks.append(loop.create_task(live.watch()))
             tasks.append(loop.create_task(service.run_sweeper()))
             tasks.append(loop.create_task(auditor.run()))
+            if settings.webhooks:
+                worker = DeliveryWorker(service.store, settings,
+                                        counter=proxy.metrics.webhook_deliveries)
+                tasks.append(loop.create_task(worker.run(interval=1.0)))
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signal.SIGHUP, live.reload)
             log.info("policies loaded from %s (%d policies)", live.path,
@@ -199,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     hash_.add_argument("--iterations", type=int, default=scram.DEFAULT_ITERATIONS)
     hash_.set_defaults(func=cmd_user_hash)
     add_policy_commands(sub)
+    add_approval_commands(sub, user_actions=user_sub)
     return parser
 
 

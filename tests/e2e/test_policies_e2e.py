@@ -156,7 +156,8 @@ def test_reload_on_change_and_sighup_keeps_old_set_when_invalid(pg, tmp_path: Pa
     port, api_port = free_port(), free_port()
     cfg = tmp_path / "pgvouch.yaml"
     cfg.write_text(config_yaml(pg, port=port, api_port=api_port,
-                               extra=f"policies: {directory}\nlimits: {{drain_timeout: 1s}}\n"))
+                               extra=f"policies: {directory}\nlimits: {{drain_timeout: 1s}}\n"
+                                     f"store: sqlite:///{tmp_path}/approvals.db\n"))
     proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     dsn = f"host=127.0.0.1 port={port} user=alice dbname=app password=alice-pw sslmode=disable"
@@ -201,7 +202,7 @@ def test_serve_refuses_to_start_with_invalid_policies(pg, tmp_path: Path):
     directory = _policy_dir(tmp_path, "policies:\n  - name: x\n    match: {}\n    rules: []\n")
     cfg = tmp_path / "pgvouch.yaml"
     cfg.write_text(config_yaml(pg, port=free_port(), api_port=free_port(),
-                               extra=f"policies: {directory}\n"))
+                               extra=f"policies: {directory}\nstore: sqlite:///{tmp_path}/a.db\n"))
     r = subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2
