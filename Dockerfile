@@ -11,11 +11,14 @@ RUN /opt/pgvouch/bin/pip install --no-cache-dir /src
 
 # Runtime stage: the virtualenv only, running as an unprivileged user.
 FROM python:3.11-slim
-RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgvouch
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin pgvouch \
+    && mkdir -p /var/lib/pgvouch && chown pgvouch /var/lib/pgvouch
 COPY --from=build /opt/pgvouch /opt/pgvouch
 COPY config /etc/pgvouch
 ENV PATH=/opt/pgvouch/bin:$PATH
 USER pgvouch
+# the default store, sqlite:///pgvouch.db, lives in the working directory
+WORKDIR /var/lib/pgvouch
 EXPOSE 6432 8432
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8432/healthz', timeout=2).status == 200 else 1)"

@@ -17,6 +17,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from approvals.auth import token_hash
 from config.settings import load_settings
 from proxy import scram
 from proxy.pgcluster import LocalPostgres
@@ -34,10 +35,12 @@ INSERT INTO payments(account_id, amount) SELECT (g % 50) + 1, g FROM generate_se
 
 
 def _write_config(cluster: LocalPostgres, base: Path, port: int, api_port: int,
-                  passwords: dict[str, str], upstream: dict[str, str]) -> Path:
+                  passwords: dict[str, str], tokens: dict[str, str],
+                  upstream: dict[str, str]) -> Path:
     users = "".join(
         f"  - name: {name}\n    groups: [{', '.join(groups)}]\n"
         f"    password_verifier: \"{scram.make_verifier(passwords[name]).encode()}\"\n"
+        f"    api_token_sha256: {token_hash(tokens[name])}\n"
         for name, groups in DEMO_USERS.items()
     )
     for name, secret in upstream.items():
@@ -85,9 +88,10 @@ def run_demo(port: int = 6432, api_port: int = 8432) -> int:
             database="demo",
         )
         passwords = {name: secrets.token_urlsafe(9) for name in DEMO_USERS}
+        tokens = {name: secrets.token_urlsafe(18) for name in DEMO_USERS}
         base = cluster.base_dir / "pgvouch"
         base.mkdir(mode=0o700)
-        config = _write_config(cluster, base, port, api_port, passwords, upstream)
+        config = _write_config(cluster, base, port, api_port, passwords, tokens, upstream)
         settings = load_settings(config)
 
         def banner() -> None:
@@ -99,9 +103,14 @@ def run_demo(port: int = 6432, api_port: int = 8432) -> int:
             for name, groups in DEMO_USERS.items():
                 print(f"  {name:6} {passwords[name]:14} groups: {', '.join(groups)}")
             print(textwrap.dedent(f"""
-                Try:
+                Try (reads run; writes wait for a DBA; DROP/TRUNCATE are denied):
                   PGPASSWORD={passwords['alice']} psql "host=127.0.0.1 port={port} user=alice dbname=demo"
-                  psql "host=127.0.0.1 port={port} user=bob dbname=demo/readonly"
+                  demo=> UPDATE accounts SET balance = 0 WHERE id = 7;   -- held: note the request id
+                Approve it as bob from another terminal:
+                  curl -s -H "Authorization: Bearer {tokens['bob']}" \\
+                       http://127.0.0.1:{api_port}/api/v1/requests?status=pending
+                  curl -s -H "Authorization: Bearer {tokens['bob']}" -X POST -d '{{}}' \\
+                       http://127.0.0.1:{api_port}/api/v1/requests/R-XXXXX/approve
                 """), flush=True)
 
         try:
