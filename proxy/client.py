@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, cast
 
 from proxy import scram, sqlstate, wire
 from proxy.decide import ALLOW, Decision, Hold, SessionInfo, Statement, Unit, deny
-from proxy.extended import ExtendedTracker
+from proxy.extended import ExtendedTracker, PreparedSql
 from proxy.inbox import Inbox
 from proxy.phases import Phase, advance
 from proxy.startup import StartupRefused, Target, changes_lexing, lexing_setting_is_safe, resolve
@@ -51,6 +51,14 @@ _COPY = frozenset(b"dcf")
 # server message types the relay watches
 _Z, _PARSE_OK, _BIND_OK, _CLOSE_OK, _ERR, _PSTATUS, _COPY_OUT = b"Z123ESH"
 _WATCH = frozenset(b"Z123ESGHW")
+_PARSE_CACHE_MAX = 4096
+_STATUS = tuple(bytes((i,)) for i in range(256))  # ReadyForQuery status byte -> bytes
+_IDLE_STATUS = ord("I")
+
+# phase changes on the hot path, computed once from the table in proxy.phases
+_READY, _IN_QUERY, _IN_COPY, _CLOSED = Phase.READY, Phase.IN_QUERY, Phase.IN_COPY, Phase.CLOSED
+_FORWARDED = advance(_READY, "forward")
+_QUERY_DONE = advance(_IN_QUERY, "idle")
 
 # The probe: Parse and Close a named ROLLBACK (Parse of a transaction-exit
 # statement is accepted even in an aborted transaction), then Flush. The
@@ -166,6 +174,9 @@ class ClientSession(asyncio.Protocol):
         self.batch_mark = 0
         self.batch_buf = bytearray()
         self.batch_statements: list[Statement] = []
+        # the last Parse message and what it decoded to (clients repeat them)
+        self.last_parse: tuple[bytes, str, PreparedSql] = (b"", "", PreparedSql("", ()))
+        self.lexing_safe: str | None = None  # the last SQL found not to change lexing
         self.skipping: Decision | None = None
         self.tx_status = b"I"
         # counters (summed by the metrics collector; no locks on the hot path)
@@ -186,7 +197,7 @@ class ClientSession(asyncio.Protocol):
         self._handshake_task = asyncio.get_running_loop().create_task(self._handshake())
 
     def data_received(self, data: bytes) -> None:
-        if self.upstream is not None and self.phase not in (Phase.CLOSED,):
+        if self.upstream is not None and self.phase is not _CLOSED:
             self.bytes_in += len(data)
             if self.held is not None or self.barrier or self.probe:
                 self._buffer_input(data)
@@ -406,7 +417,9 @@ class ClientSession(asyncio.Protocol):
                 "pgvouch could not evaluate this statement, so it was not run",
                 code=sqlstate.INTERNAL_ERROR,
             )
-        self.decisions[decision.action] = self.decisions.get(decision.action, 0) + 1
+        decisions = self.decisions
+        action = decision.action
+        decisions[action] = decisions.get(action, 0) + 1
         return decision
 
     def _relay_client(self, data: bytes) -> None:
@@ -414,6 +427,7 @@ class ClientSession(asyncio.Protocol):
         if not messages:
             return
         fwd = 0  # chunk[fwd:] is not yet written upstream
+        tracker = self.tracker
         for kind, start, end in messages:
             if self.client_copy:
                 # The server is in COPY IN: it takes CopyData, ends the copy at
@@ -445,11 +459,30 @@ class ClientSession(asyncio.Protocol):
                 continue
             if kind in _BATCH:
                 if not self.batch_open:
-                    self._write_up(chunk, fwd, start)
+                    if start > fwd:
+                        self._write_up(chunk, fwd, start)
                     fwd = start
                     self.batch_open = True
-                    self.batch_mark = self.tracker.mark()
-                self._batch_message(kind, chunk, start, end)
+                    self.batch_mark = tracker.mark()
+                if not isinstance(chunk, bytes):
+                    chunk = bytes(chunk)  # the decoders work on bytes (offsets stay valid)
+                if kind == _B:
+                    portal, name, tail = wire.read_bind(chunk, start, end)
+                    tracker.bind_raw(portal, name, chunk[tail:end])
+                elif kind == _E:
+                    self.batch_statements.append(tracker.execute(wire.read_execute(chunk, start, end)))
+                elif kind == _P:
+                    raw, name, prepared = self.last_parse
+                    if end - start != len(raw) or not chunk.startswith(raw, start):
+                        name, text, types = wire.read_parse(chunk, start, end)
+                        prepared = PreparedSql(text, types)
+                        if end - start <= _PARSE_CACHE_MAX:
+                            self.last_parse = (chunk[start:end], name, prepared)
+                    tracker.parse_prepared(name, prepared)
+                elif kind == _D:
+                    wire.check_target(chunk, start, end)  # Describe: validate only
+                else:
+                    tracker.close(*wire.read_target(chunk, start, end))
                 continue
             if self.batch_open:
                 fwd = self._close_batch(chunk, fwd, start, closed_by=kind)
@@ -531,34 +564,30 @@ class ClientSession(asyncio.Protocol):
         if end > start:
             up = self.upstream
             assert up is not None
-            if self.phase is Phase.READY:
-                self.phase = advance(self.phase, "forward")
+            if self.phase is _READY:
+                self.phase = _FORWARDED
             up.write(chunk[start:end] if start or end != len(chunk) else chunk)
-
-    def _batch_message(self, kind: int, chunk: bytes | memoryview, start: int, end: int) -> None:
-        tracker = self.tracker
-        if kind == _P:
-            parse = wire.decode_parse(chunk, start, end)
-            tracker.parse(parse.name, parse.sql, parse.param_types)
-        elif kind == _B:
-            bind = wire.decode_bind(chunk, start, end)
-            tracker.bind(bind.portal, bind.statement, bind.params, bind.param_formats)
-        elif kind == _E:
-            self.batch_statements.append(tracker.execute(wire.decode_execute(chunk, start, end)))
-        elif kind == _C:
-            tracker.close(*wire.decode_target(chunk, start, end))
-        else:
-            wire.decode_target(chunk, start, end)  # Describe: validate only
 
     def _close_batch(self, chunk: bytes | memoryview, fwd: int, boundary: int, *,
                      closed_by: int) -> int:
         """Decide on the open batch (its bytes are batch_buf + chunk[fwd:boundary])."""
         self.batch_open = False
-        statements, self.batch_statements = self.batch_statements, []
-        decision = self._decide(Unit(tuple(statements), extended=True)) if statements else ALLOW
-        if decision.action == "allow" and closed_by != _S and any(
-            s.sql is not None and changes_lexing(s.sql) for s in statements
-        ):
+        statements = self.batch_statements
+        if statements:
+            self.batch_statements = []
+            decision = self._decide(Unit(tuple(statements), True))
+        else:
+            decision = ALLOW
+        lexing = False
+        if decision.action == "allow":
+            for s in statements:
+                sql = s.sql
+                if sql is not None and sql is not self.lexing_safe:
+                    if changes_lexing(sql):
+                        lexing = True
+                        break
+                    self.lexing_safe = sql
+        if lexing and closed_by != _S:
             decision = deny(
                 "statements that may change client_encoding or standard_conforming_strings "
                 "must end with Sync, not Flush, when sent through pgvouch",
@@ -578,7 +607,7 @@ class ClientSession(asyncio.Protocol):
             # the batch's bytes in this chunk stay pending from ``fwd``: they go
             # out with whatever follows (usually the Sync) in one write
             self.open_extended = True
-            if any(s.sql is not None and changes_lexing(s.sql) for s in statements):
+            if lexing:
                 self.barrier_pending = True
             return fwd
         self.batch_buf.clear()
@@ -762,44 +791,67 @@ class ClientSession(asyncio.Protocol):
 
     # ---------------------------------------------------- upstream → client relay
     def upstream_data(self, data: bytes) -> None:
+        if self.substitutions or self.watchers:
+            self._upstream_slow(data)
+            return
+        try:
+            chunk, events = self.server_framer.scan(data, _WATCH)
+        except wire.ProtocolError as exc:
+            log.error("upstream protocol error in session %s: %s", self.id, exc)
+            self.upstream_lost(exc)
+            return
+        if not chunk:
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        if events:
+            tracker = self.tracker
+            for kind, start, end in events:
+                if kind == _Z:
+                    self._ready_for_query(chunk[end - 1])
+                elif kind == _PARSE_OK:
+                    tracker.parse_complete()
+                elif kind == _BIND_OK:
+                    tracker.bind_complete()
+                else:
+                    self._server_event(kind, chunk, start, end)
+        self.bytes_out += len(chunk)
+        transport.write(chunk)
+        if self.barrier and not self.cycles and self.held is None:
+            self._lift_barrier()
+
+    def _upstream_slow(self, data: bytes) -> None:
         try:
             chunk, messages = self.server_framer.feed(data)
         except wire.ProtocolError as exc:
             log.error("upstream protocol error in session %s: %s", self.id, exc)
             self.upstream_lost(exc)
             return
-        if not messages:
-            return
-        transport = self.transport
-        if transport is None:
-            return
-        if self.substitutions or self.watchers:
+        if messages and self.transport is not None:
             self._relay_slow(chunk, messages)
-            return
-        for kind, start, end in messages:
-            if kind in _WATCH:
-                self._server_event(kind, chunk, start, end)
-        self.bytes_out += len(chunk)
-        transport.write(chunk)
-        if self.barrier and not self.cycles and self.held is None:
-            self._lift_barrier()
+
+    def _ready_for_query(self, status: int) -> None:
+        cycles = self.cycles
+        if cycles:
+            cycles.popleft()
+        else:
+            # A ReadyForQuery nobody expected: the proxy is out of step with
+            # the server. Forget what it believed, so nothing is vouched for.
+            log.error("session %s: unexpected ReadyForQuery; forgetting statements", self.id)
+            self.tracker.reset()
+        self.tracker.ready(status == _IDLE_STATUS)  # idle: every portal is gone upstream
+        self.tx_status = _STATUS[status]
+        if not cycles:
+            phase = self.phase
+            if phase is _IN_QUERY:
+                self.phase = _QUERY_DONE
+            elif phase is _IN_COPY:
+                self.phase = advance(phase, "idle")
 
     def _server_event(self, kind: int, chunk: bytes | memoryview, start: int, end: int) -> None:
         if kind == _Z:
-            if self.cycles:
-                self.cycles.popleft()
-            else:
-                # A ReadyForQuery nobody expected: the proxy is out of step with
-                # the server. Forget what it believed, so nothing is vouched for.
-                log.error("session %s: unexpected ReadyForQuery; forgetting statements", self.id)
-                self.tracker.reset()
-            self.tracker.ready()
-            status = bytes(chunk[end - 1 : end])
-            self.tx_status = status
-            if status == b"I":
-                self.tracker.transaction_ended()
-            if not self.cycles and self.phase in (Phase.IN_QUERY, Phase.IN_COPY):
-                self.phase = advance(self.phase, "idle")
+            self._ready_for_query(chunk[end - 1])
         elif kind == _PARSE_OK:
             self.tracker.parse_complete()
         elif kind == _BIND_OK:

@@ -16,22 +16,92 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from proxy import sqlstate
+from proxy.wire import bind_values
 
 
-@dataclass(slots=True)
 class Statement:
     """One thing that will run upstream.
 
     ``sql`` is None when the proxy cannot tell what runs (an Execute of a
     portal it never saw bound, a FunctionCall): deciders must treat that as
     the strictest case.
+
+    ``params`` and ``param_formats`` (the values and formats of a Bind) are
+    decoded only when someone reads them: the relay keeps the Bind's raw bytes
+    (already validated), and most statements are decided without them.
     """
 
+    __slots__ = ("_bind", "_param_formats", "_params", "param_types", "sql", "via")
+    __match_args__ = ("sql", "via", "params", "param_formats", "param_types")
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
     sql: str | None
-    via: Literal["query", "execute", "function-call"] = "query"
-    params: tuple[bytes | None, ...] = ()
-    param_formats: tuple[int, ...] = ()
-    param_types: tuple[int, ...] = ()
+    via: Literal["query", "execute", "function-call"]
+    param_types: tuple[int, ...]
+
+    def __init__(self, sql: str | None, via: Literal["query", "execute", "function-call"] = "query",
+                 params: tuple[bytes | None, ...] = (), param_formats: tuple[int, ...] = (),
+                 param_types: tuple[int, ...] = ()) -> None:
+        self.sql = sql
+        self.via = via
+        self._params = params
+        self._param_formats = param_formats
+        self.param_types = param_types
+        self._bind: bytes | None = None
+
+    @classmethod
+    def bound(cls, sql: str, bind_tail: bytes, param_types: tuple[int, ...]) -> Statement:
+        """An Execute of ``sql``, its parameters still in ``bind_tail`` (a validated
+        Bind's bytes after its two names; see :func:`proxy.wire.bind_values`)."""
+        statement = object.__new__(cls)
+        statement.sql = sql
+        statement.via = "execute"
+        statement._params = ()
+        statement._param_formats = ()
+        statement.param_types = param_types
+        statement._bind = bind_tail
+        return statement
+
+    def _decode(self) -> None:
+        tail = self._bind
+        if tail is not None:
+            self._param_formats, self._params = bind_values(tail)
+            self._bind = None
+
+    @property
+    def params(self) -> tuple[bytes | None, ...]:
+        if self._bind is not None:
+            self._decode()
+        return self._params
+
+    @params.setter
+    def params(self, value: tuple[bytes | None, ...]) -> None:
+        self._decode()
+        self._params = value
+
+    @property
+    def param_formats(self) -> tuple[int, ...]:
+        if self._bind is not None:
+            self._decode()
+        return self._param_formats
+
+    @param_formats.setter
+    def param_formats(self, value: tuple[int, ...]) -> None:
+        self._decode()
+        self._param_formats = value
+
+    def _fields(self) -> tuple[object, ...]:
+        return (self.sql, self.via, self.params, self.param_formats, self.param_types)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Statement)
+        return self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (f"Statement(sql={self.sql!r}, via={self.via!r}, params={self.params!r}, "
+                f"param_formats={self.param_formats!r}, param_types={self.param_types!r})")
 
 
 @dataclass(slots=True)

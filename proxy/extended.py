@@ -19,25 +19,20 @@ Must not: do I/O or decide anything.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from itertools import islice
-from typing import TypeVar, cast
+from typing import NamedTuple, TypeVar, cast
 
 from proxy.decide import Statement
 
 
-@dataclass(frozen=True, slots=True)
-class PreparedSql:
+class PreparedSql(NamedTuple):
     sql: str
     param_types: tuple[int, ...]
 
 
-@dataclass(slots=True)
-class _Op:
-    kind: str  # "P" (Parse), "B" (Bind) or "C" (Close: name is "S..." or "P...")
-    name: str
-    value: PreparedSql | Statement | None
-
+# One forwarded, not yet acknowledged message: (kind, name, value). kind is
+# "P" (Parse), "B" (Bind) or "C" (Close: name is "S..." or "P...").
+_Op = tuple[str, str, "PreparedSql | Statement | None"]
 
 _V = TypeVar("_V", PreparedSql, Statement | None)
 
@@ -45,15 +40,16 @@ _V = TypeVar("_V", PreparedSql, Statement | None)
 class ExtendedTracker:
     """Statements and portals as the server knows them, plus what is in flight."""
 
-    __slots__ = ("_cycles", "portals", "statements")
+    __slots__ = ("_cycles", "_open", "portals", "statements")
 
     def __init__(self) -> None:
         self.statements: dict[str, PreparedSql] = {}
         self.portals: dict[str, Statement | None] = {}
         # Forwarded, not yet acknowledged Parse/Bind/Close, one deque per sync
         # cycle, oldest first; the server answers them strictly in order. The
-        # last deque is the open cycle (no Sync sent yet).
-        self._cycles: deque[deque[_Op]] = deque([deque()])
+        # last deque is the open cycle (no Sync sent yet), also kept as _open.
+        self._open: deque[_Op] = deque()
+        self._cycles: deque[deque[_Op]] = deque([self._open])
 
     # -- resolution ---------------------------------------------------------------
     def _resolve(self, kind: str, name: str, confirmed: dict[str, _V]) -> _V | None:
@@ -65,10 +61,10 @@ class ExtendedTracker:
         exists, a message skipped after an error), so it is believed only when
         it agrees with every other candidate, the confirmed one included.
         """
+        for op in reversed(self._open):
+            if op[0] == kind and op[1] == name:
+                return cast("_V | None", op[2])
         cycles = self._cycles
-        for op in reversed(cycles[-1]):
-            if op.kind == kind and op.name == name:
-                return cast("_V | None", op.value)
         if len(cycles) == 1:  # nothing older in flight: the common case
             return confirmed.get(name)
         candidates: list[_V | None] = []
@@ -76,8 +72,8 @@ class ExtendedTracker:
             candidates.append(confirmed[name])
         for cycle in islice(cycles, len(cycles) - 1):
             for op in cycle:
-                if op.kind == kind and op.name == name:
-                    candidates.append(cast("_V | None", op.value))
+                if op[0] == kind and op[1] == name:
+                    candidates.append(cast("_V | None", op[2]))
         if not candidates:
             return None
         first = candidates[0]
@@ -91,31 +87,52 @@ class ExtendedTracker:
 
     # -- what the client sends (recorded as the messages are seen) ---------------
     def parse(self, name: str, sql: str, param_types: tuple[int, ...]) -> None:
-        self._cycles[-1].append(_Op("P", name, PreparedSql(sql, param_types)))
+        self._open.append(("P", name, PreparedSql(sql, param_types)))
+
+    def parse_prepared(self, name: str, prepared: PreparedSql) -> None:
+        self._open.append(("P", name, prepared))
 
     def bind(self, portal: str, statement: str, params: tuple[bytes | None, ...],
              formats: tuple[int, ...]) -> None:
-        prepared = self.resolve_statement(statement)
+        prepared = self._resolve("P", statement, self.statements)
         value = None if prepared is None else Statement(
             prepared.sql, "execute", params, formats, prepared.param_types
         )
-        self._cycles[-1].append(_Op("B", portal, value))
+        self._open.append(("B", portal, value))
+
+    def bind_raw(self, portal: str, statement: str, tail: bytes) -> None:
+        """:meth:`bind` with the values still encoded (a validated Bind's bytes
+        after its two names); they are decoded only if someone reads them."""
+        opened = self._open
+        if opened or len(self._cycles) > 1:
+            prepared = self._resolve("P", statement, self.statements)
+        else:  # nothing in flight (the common case for a prepared statement)
+            prepared = self.statements.get(statement)
+        value = None if prepared is None else Statement.bound(
+            prepared.sql, tail, prepared.param_types
+        )
+        opened.append(("B", portal, value))
 
     def execute(self, portal: str) -> Statement:
-        found = self.resolve_portal(portal)
-        return found if found is not None else Statement(None, "execute")
+        for op in reversed(self._open):
+            if op[0] == "B" and op[1] == portal:  # bound in this cycle (the common case)
+                value = op[2]
+                break
+        else:
+            value = self._resolve("B", portal, self.portals)
+        return value if isinstance(value, Statement) else Statement(None, "execute")
 
     def close(self, which: str, name: str) -> None:
         """A Close takes effect when the server acknowledges it (CloseComplete)."""
-        self._cycles[-1].append(_Op("C", which + name, None))
+        self._open.append(("C", which + name, None))
 
     def mark(self) -> int:
         """Where the open cycle ends now; :meth:`rollback` forgets what came after."""
-        return len(self._cycles[-1])
+        return len(self._open)
 
     def rollback(self, mark: int) -> None:
         """Forget messages recorded since ``mark``: they were never forwarded."""
-        cycle = self._cycles[-1]
+        cycle = self._open
         while len(cycle) > mark:
             cycle.pop()
 
@@ -140,7 +157,8 @@ class ExtendedTracker:
 
     def sync(self) -> None:
         """The client's Sync (or a simple Query, or a FunctionCall) ends the open cycle."""
-        self._cycles.append(deque())
+        self._open = deque()
+        self._cycles.append(self._open)
 
     # -- what the server answers ----------------------------------------------
     def _acknowledged(self, kind: str) -> _Op | None:
@@ -148,7 +166,7 @@ class ExtendedTracker:
         if not cycle:
             return None
         op = cycle.popleft()
-        if op.kind != kind:
+        if op[0] != kind:
             # Out of step with the server: forget everything, so every later
             # Execute is "cannot tell" (the strictest case) until redefined.
             self.reset()
@@ -156,31 +174,43 @@ class ExtendedTracker:
         return op
 
     def parse_complete(self) -> None:
-        op = self._acknowledged("P")
-        if op is not None and isinstance(op.value, PreparedSql):
-            self.statements[op.name] = op.value
+        cycle = self._cycles[0]
+        if cycle:
+            kind, name, value = cycle.popleft()
+            if kind != "P":
+                self.reset()  # out of step with the server (see _acknowledged)
+            elif isinstance(value, PreparedSql):
+                self.statements[name] = value
 
     def bind_complete(self) -> None:
-        op = self._acknowledged("B")
-        if op is not None:
-            self.portals[op.name] = op.value if isinstance(op.value, Statement) else None
+        cycle = self._cycles[0]
+        if cycle:
+            kind, name, value = cycle.popleft()
+            if kind != "B":
+                self.reset()  # out of step with the server (see _acknowledged)
+            else:
+                self.portals[name] = value if isinstance(value, Statement) else None
 
     def close_complete(self) -> None:
         op = self._acknowledged("C")
         if op is not None:
-            target = self.statements if op.name[0] == "S" else self.portals
-            target.pop(op.name[1:], None)
+            name = op[1]
+            target = self.statements if name[0] == "S" else self.portals
+            target.pop(name[1:], None)
 
     def error(self) -> None:
         """An ErrorResponse: the server skips everything up to the next Sync."""
         self._cycles[0].clear()
 
-    def ready(self) -> None:
-        """ReadyForQuery ends the oldest cycle."""
-        if len(self._cycles) > 1:
-            self._cycles.popleft()
+    def ready(self, idle: bool = False) -> None:
+        """ReadyForQuery ends the oldest cycle (``idle``: and the transaction, see below)."""
+        cycles = self._cycles
+        if len(cycles) > 1:
+            cycles.popleft()
         else:
-            self._cycles[0].clear()
+            cycles[0].clear()
+        if idle:
+            self.portals.clear()
 
     def transaction_ended(self) -> None:
         """Idle status: every portal is gone upstream."""

@@ -60,6 +60,12 @@ def changes_lexing(sql: str) -> bool:
     barrier, so the proxy learns the server's new settings before it decides
     on anything sent after it.
     """
+    if sql.isascii():
+        # the same test without the (slow) case-insensitive regex; for ASCII
+        # text, lower() and IGNORECASE agree exactly
+        low = sql.lower()
+        return ("encoding" in low or "conforming" in low or "backslash_quote" in low
+                or "set_config" in low or "u&" in low)
     return _LEXING_WORDS.search(sql) is not None
 
 

@@ -28,6 +28,8 @@ _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!Bi")
 _unpack_header = _HEADER.unpack_from
 _unpack_i32 = _I32.unpack_from
+_unpack_i16 = struct.Struct("!h").unpack_from
+_unpack_hh = struct.Struct("!hh").unpack_from
 
 
 class ProtocolError(Exception):
@@ -85,8 +87,9 @@ class Framer:
         messages: list[tuple[int, int, int]] = []
         append = messages.append
         limit = self.max_size
+        unpack = _unpack_header
         while n - pos >= 5:
-            kind, length = _unpack_header(data, pos)
+            kind, length = unpack(data, pos)
             if length < 4 or length > limit:
                 raise ProtocolError(
                     f"invalid message length {length} for message type {chr(kind)!r}",
@@ -97,6 +100,44 @@ class Framer:
                 self._need = end - pos
                 break
             append((kind, pos, end))
+            pos = end
+        if pos == n:
+            return data, messages
+        buf += memoryview(data)[pos:]
+        return memoryview(data)[:pos], messages
+
+    def scan(self, data: bytes, watch: frozenset[int]) -> tuple[bytes | memoryview,
+                                                                 list[tuple[int, int, int]]]:
+        """:meth:`feed`, listing only the messages whose type is in ``watch``.
+
+        ``chunk`` is empty when no message is complete yet.
+        """
+        buf = self._buf
+        if buf:
+            buf += data
+            if len(buf) < self._need:
+                return b"", []
+            data = bytes(buf)
+            buf.clear()
+            self._need = 0
+        n = len(data)
+        pos = 0
+        messages: list[tuple[int, int, int]] = []
+        limit = self.max_size
+        unpack = _unpack_header
+        while n - pos >= 5:
+            kind, length = unpack(data, pos)
+            if length < 4 or length > limit:
+                raise ProtocolError(
+                    f"invalid message length {length} for message type {chr(kind)!r}",
+                    remote=self.remote,
+                )
+            end = pos + 1 + length
+            if end > n:
+                self._need = end - pos
+                break
+            if kind in watch:
+                messages.append((kind, pos, end))
             pos = end
         if pos == n:
             return data, messages
@@ -371,15 +412,223 @@ def body_reader(chunk: bytes | memoryview, start: int, end: int, remote: str = "
     return Reader(bytes(chunk[start + 5 : end]), remote)
 
 
+# The relay's decoders below work on ``bytes`` (``data``) with offsets, use
+# ``bytes.find`` and never build a Reader: they run for every extended-protocol
+# message. Names are read as PostgreSQL reads them: up to the first NUL after
+# the start of the body. Anything malformed raises ProtocolError.
+def _truncated(what: str) -> ProtocolError:
+    return ProtocolError(f"truncated message while reading {what}")
+
+
+def _trailing() -> ProtocolError:
+    return ProtocolError("trailing bytes in message")
+
+
+def _bad_utf8() -> ProtocolError:
+    return ProtocolError("string is not valid UTF-8")
+
+
+def _as_bytes(chunk: bytes | memoryview, start: int, end: int) -> tuple[bytes, int, int]:
+    if isinstance(chunk, bytes):
+        return chunk, start, end
+    return bytes(chunk[start:end]), 0, end - start
+
+
 def decode_query(chunk: bytes | memoryview, start: int, end: int) -> str:
     """The SQL of a Query message (exactly one terminating NUL, valid UTF-8)."""
-    raw = bytes(chunk[start + 5 : end - 1])
-    if end - start < 6 or chunk[end - 1] != 0 or b"\x00" in raw:
+    if not isinstance(chunk, bytes):
+        chunk, start, end = bytes(chunk[start:end]), 0, end - start
+    if end - start < 6 or chunk.find(b"\x00", start + 5, end) != end - 1:
         raise ProtocolError("malformed Query message")
     try:
-        return raw.decode("utf-8")
+        return chunk[start + 5 : end - 1].decode("utf-8")
     except UnicodeDecodeError:
-        raise ProtocolError("string is not valid UTF-8") from None
+        raise _bad_utf8() from None
+
+
+def read_parse(data: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:
+    """Parse: (statement name, SQL, parameter type OIDs); ``data`` must be bytes."""
+    pos = start + 5
+    z = data.find(b"\x00", pos, end)
+    if z < 0:
+        raise _truncated("a string")
+    z2 = data.find(b"\x00", z + 1, end)
+    if z2 < 0:
+        raise _truncated("a string")
+    try:
+        name = data[pos:z].decode("utf-8") if z > pos else ""
+        sql = data[z + 1 : z2].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_utf8() from None
+    pos = z2 + 3
+    if pos > end:
+        raise _truncated("an Int16")
+    (count,) = _unpack_i16(data, pos - 2)
+    if count < 0:
+        raise ProtocolError("negative parameter count in Parse")
+    if not count:
+        if pos != end:
+            raise _trailing()
+        return name, sql, ()
+    stop = pos + 4 * count
+    if stop != end:
+        raise _truncated("an Int32") if stop > end else _trailing()
+    return name, sql, struct.unpack_from(f"!{count}i", data, pos)
+
+
+def read_bind(data: bytes, start: int, end: int) -> tuple[str, str, int]:
+    """Bind: (portal, statement, offset of the parameter formats); ``data`` must be bytes.
+
+    The whole message is validated; the values are decoded only on demand,
+    by :func:`bind_values` on ``data[offset:end]``.
+    """
+    pos = start + 5
+    z = data.find(b"\x00", pos, end)
+    if z < 0:
+        raise _truncated("a string")
+    z2 = data.find(b"\x00", z + 1, end)
+    if z2 < 0:
+        raise _truncated("a string")
+    try:
+        portal = data[pos:z].decode("utf-8") if z > pos else ""
+        statement = data[z + 1 : z2].decode("utf-8") if z2 > z + 1 else ""
+    except UnicodeDecodeError:
+        raise _bad_utf8() from None
+    # the same checks as _bind_tail, without building anything
+    pos = tail = z2 + 1
+    if pos + 4 > end:
+        raise _truncated("an Int16")
+    nfmt, nparams = _unpack_hh(data, pos)
+    if nfmt:
+        if nfmt < 0:
+            raise ProtocolError("negative format count in Bind")
+        pos += 2 * nfmt
+        if pos + 4 > end:
+            raise _truncated("an Int16")
+        (nparams,) = _unpack_i16(data, pos + 2)
+    pos += 4
+    if nparams:
+        if nparams < 0:
+            raise ProtocolError("negative parameter count in Bind")
+        unpack_i32 = _unpack_i32
+        for _ in range(nparams):
+            if pos + 4 > end:
+                raise _truncated("an Int32")
+            (length,) = unpack_i32(data, pos)
+            pos += 4
+            if length > 0:
+                pos += length
+                if pos > end:
+                    raise _truncated(f"{length} bytes")
+            elif length < -1:
+                raise _truncated(f"{length} bytes")
+    if pos + 2 > end:
+        raise _truncated("an Int16")
+    (nres,) = _unpack_i16(data, pos)
+    if nres < 0:
+        raise ProtocolError("negative result format count in Bind")
+    stop = pos + 2 + 2 * nres
+    if stop != end:
+        raise _truncated("an Int16") if stop > end else _trailing()
+    return portal, statement, tail
+
+
+_NO_VALUES: tuple[tuple[int, ...], tuple[bytes | None, ...]] = ((), ())
+
+
+def _bind_tail(data: bytes, pos: int, end: int,
+               want: bool) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:
+    """Check (and with ``want``, decode) a Bind's formats, values and result formats.
+
+    :func:`read_bind` makes the same checks inline (keep the two in step).
+    """
+    if pos + 2 > end:
+        raise _truncated("an Int16")
+    (nfmt,) = _unpack_i16(data, pos)
+    if nfmt < 0:
+        raise ProtocolError("negative format count in Bind")
+    fmt_at = pos + 2
+    pos = fmt_at + 2 * nfmt
+    if pos + 2 > end:
+        raise _truncated("an Int16")
+    (nparams,) = _unpack_i16(data, pos)
+    if nparams < 0:
+        raise ProtocolError("negative parameter count in Bind")
+    pos += 2
+    params: list[bytes | None] = []
+    for _ in range(nparams):
+        if pos + 4 > end:
+            raise _truncated("an Int32")
+        (length,) = _unpack_i32(data, pos)
+        pos += 4
+        if length == -1:
+            if want:
+                params.append(None)
+            continue
+        if length < 0 or pos + length > end:
+            raise _truncated(f"{length} bytes")
+        if want:
+            params.append(data[pos : pos + length])
+        pos += length
+    if pos + 2 > end:
+        raise _truncated("an Int16")
+    (nres,) = _unpack_i16(data, pos)
+    if nres < 0:
+        raise ProtocolError("negative result format count in Bind")
+    stop = pos + 2 + 2 * nres
+    if stop != end:
+        raise _truncated("an Int16") if stop > end else _trailing()
+    if not want:
+        return _NO_VALUES
+    formats = struct.unpack_from(f"!{nfmt}h", data, fmt_at) if nfmt else ()
+    return formats, tuple(params)
+
+
+def bind_values(tail: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:
+    """(parameter formats, parameter values) from a Bind's bytes after its two names."""
+    return _bind_tail(tail, 0, len(tail), True)
+
+
+def read_execute(data: bytes, start: int, end: int) -> str:
+    """Execute: the portal name; ``data`` must be bytes."""
+    pos = start + 5
+    z = data.find(b"\x00", pos, end)
+    if z < 0:
+        raise _truncated("a string")
+    if z + 5 != end:
+        raise _truncated("an Int32") if z + 5 > end else _trailing()
+    if z == pos:
+        return ""
+    try:
+        return data[pos:z].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_utf8() from None
+
+
+def check_target(data: bytes, start: int, end: int) -> None:
+    """Describe and Close: check the form (``S`` or ``P``, then one NUL-terminated name)."""
+    if end - start < 6:
+        raise _truncated("a byte")
+    which = data[start + 5]
+    if which != 0x53 and which != 0x50:
+        raise ProtocolError(f"invalid Describe/Close target {which!r}")
+    z = data.find(b"\x00", start + 6, end)
+    if z != end - 1:
+        raise _truncated("a string") if z < 0 else _trailing()
+    if z > start + 6:
+        try:
+            data[start + 6 : z].decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_utf8() from None
+
+
+def read_target(data: bytes, start: int, end: int) -> tuple[str, str]:
+    """Describe and Close: (``S`` or ``P``, name); ``data`` must be bytes."""
+    check_target(data, start, end)
+    try:
+        return chr(data[start + 5]), data[start + 6 : end - 1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _bad_utf8() from None
 
 
 @dataclass(frozen=True)
@@ -390,15 +639,7 @@ class Parse:
 
 
 def decode_parse(chunk: bytes | memoryview, start: int, end: int) -> Parse:
-    r = body_reader(chunk, start, end)
-    name = r.cstring()
-    sql = r.cstring()
-    count = r.int16()
-    if count < 0:
-        raise ProtocolError("negative parameter count in Parse")
-    types = tuple(r.int32() for _ in range(count))
-    r.done()
-    return Parse(name, sql, types)
+    return Parse(*read_parse(*_as_bytes(chunk, start, end)))
 
 
 @dataclass(frozen=True)
@@ -410,46 +651,18 @@ class Bind:
 
 
 def decode_bind(chunk: bytes | memoryview, start: int, end: int) -> Bind:
-    r = body_reader(chunk, start, end)
-    portal = r.cstring()
-    statement = r.cstring()
-    nfmt = r.int16()
-    if nfmt < 0:
-        raise ProtocolError("negative format count in Bind")
-    formats = tuple(r.int16() for _ in range(nfmt))
-    nparams = r.int16()
-    if nparams < 0:
-        raise ProtocolError("negative parameter count in Bind")
-    params: list[bytes | None] = []
-    for _ in range(nparams):
-        length = r.int32()
-        params.append(None if length == -1 else r.bytes(length))
-    nres = r.int16()
-    if nres < 0:
-        raise ProtocolError("negative result format count in Bind")
-    for _ in range(nres):
-        r.int16()
-    r.done()
-    return Bind(portal, statement, formats, tuple(params))
+    data, start, end = _as_bytes(chunk, start, end)
+    portal, statement, pos = read_bind(data, start, end)
+    return Bind(portal, statement, *_bind_tail(data, pos, end, True))
 
 
 def decode_target(chunk: bytes | memoryview, start: int, end: int) -> tuple[str, str]:
     """Describe and Close: (``S`` or ``P``, name)."""
-    r = body_reader(chunk, start, end)
-    which = r.byte()
-    if which not in (0x53, 0x50):
-        raise ProtocolError(f"invalid Describe/Close target {which!r}")
-    name = r.cstring()
-    r.done()
-    return chr(which), name
+    return read_target(*_as_bytes(chunk, start, end))
 
 
 def decode_execute(chunk: bytes | memoryview, start: int, end: int) -> str:
-    r = body_reader(chunk, start, end)
-    portal = r.cstring()
-    r.int32()
-    r.done()
-    return portal
+    return read_execute(*_as_bytes(chunk, start, end))
 
 
 def decode_error_fields(chunk: bytes | memoryview, start: int, end: int) -> dict[str, str]:
