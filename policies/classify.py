@@ -152,6 +152,7 @@ def classify(
     prepared: Mapping[str, StatementInfo] | None = None,
     volatile_functions: frozenset[str] | None = None,
     standard_conforming_strings: bool = True,
+    texts: bool = True,
 ) -> Classification:
     """Classify every statement of ``sql`` (one simple-protocol Query or one Parse).
 
@@ -160,7 +161,11 @@ def classify(
     volatile non-built-in functions of the resource; a read that calls one
     becomes a write. ``standard_conforming_strings``: the server's current
     value (ParameterStatus); when off, strings are lexed differently from
-    the classifier and every statement is ``unknown``.
+    the classifier and every statement is ``unknown``. ``texts=False`` (the
+    proxy's hot path) may return a classification read from another text of
+    the same shape (same kinds, tables and effects by construction of the
+    literal-blind key; only ``StatementInfo.text`` differs), which saves
+    splitting the new text.
     """
     if not standard_conforming_strings:
         return _single_unknown(
@@ -168,7 +173,7 @@ def classify(
             "standard_conforming_strings is off, so the server reads string literals "
             "differently from the classifier",
         )
-    entry = _lookup(sql)
+    entry = _lookup(sql, texts)
     needs_session = entry.has_execute and bool(prepared)
     needs_volatility = bool(volatile_functions) and (entry.has_functions or needs_session)
     if not needs_session and not needs_volatility:
@@ -189,7 +194,7 @@ def unknown(reason: str, text: str = "") -> Classification:
 # -- caches -------------------------------------------------------------------------
 
 
-def _lookup(sql: str) -> _Entry:
+def _lookup(sql: str, texts: bool = True) -> _Entry:
     cacheable = len(sql) <= MAX_CACHED_TEXT
     if cacheable:
         hit = _TEXTS.get(sql)
@@ -203,6 +208,8 @@ def _lookup(sql: str) -> _Entry:
         entry = _rejected(sql, exc)
     else:
         shaped = _SHAPES.get(key) if cacheable else None
+        if shaped is not None and not texts:
+            return shaped
         retexted = _retexted(shaped, sql) if shaped is not None else None
         if retexted is not None:
             entry = retexted

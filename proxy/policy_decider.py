@@ -33,6 +33,7 @@ from proxy.statement_audit import AuditedAllow, StatementAuditor, statement_even
 
 log = logging.getLogger("pgvouch.policy")
 
+_DECISION_CACHE = 4096
 # Not audited unless audit.reads is on: reads, and transaction/session control.
 _UNAUDITED = frozenset({Kind.READ, Kind.SESSION})
 
@@ -107,6 +108,7 @@ class PolicyDecider:
         self.policies = policies
         self.reviewer = reviewer
         self.auditor = auditor
+        self._decisions: dict[tuple[object, ...], tuple[PolicySet, PolicyDecision]] = {}
 
     def classify_unit(self, session: SessionInfo, unit: Unit) -> Classification:
         prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]
@@ -117,19 +119,32 @@ class PolicyDecider:
                         else "an Execute of a portal the proxy cannot tell")
                 parts.append(unknown(f"{what} cannot be classified"))
                 continue
-            classification = classify(statement.sql, prepared=prepared)
+            classification = classify(statement.sql, prepared=prepared, texts=False)
             for info in classification.statements:
-                prepared = after_statement(prepared, info, confirmed=False)
+                if info.effect is not None:
+                    prepared = after_statement(prepared, info, confirmed=False)
             parts.append(classification)
         session.state["prepared"] = prepared
         return parts[0] if len(parts) == 1 else combined(parts)
 
+    def _evaluate(self, session: SessionInfo, classification: Classification) -> PolicyDecision:
+        """``evaluate``, memoised: it depends only on each statement's kind and tables."""
+        policy_set = self.policies.current
+        key = (id(policy_set), session.user, session.groups, session.resource, session.account,
+               tuple([(s.kind, s.tables) for s in classification.statements]))
+        cached = self._decisions.get(key)
+        if cached is not None and cached[0] is policy_set:
+            return cached[1]
+        decision = evaluate(classification, Identity(session.user, session.groups),
+                            session.resource, session.account, policy_set)
+        if len(self._decisions) >= _DECISION_CACHE:
+            self._decisions.clear()
+        self._decisions[key] = (policy_set, decision)
+        return decision
+
     def decide(self, session: SessionInfo, unit: Unit) -> Decision:
         classification = self.classify_unit(session, unit)
-        decision = evaluate(
-            classification, Identity(session.user, session.groups), session.resource,
-            session.account, self.policies.current,
-        )
+        decision = self._evaluate(session, classification)
         auditor = self.auditor
         if decision.action is Action.ALLOW:
             if auditor is None:
