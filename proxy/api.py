@@ -12,6 +12,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from approvals.api import add_approval_routes
+from approvals.web import add_web_routes
 from proxy.server import ProxyServer
 
 PROXY = web.AppKey("proxy", ProxyServer)
@@ -42,6 +43,7 @@ def make_app(proxy: ProxyServer) -> web.Application:
     app.router.add_get("/readyz", readyz)
     if proxy.approvals is not None:
         add_approval_routes(app, proxy.approvals, proxy.settings)
+        add_web_routes(app, proxy.approvals, proxy.settings)
     return app
 
 
