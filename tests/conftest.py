@@ -10,6 +10,7 @@ none works the session fails with a clear message; nothing is skipped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import subprocess
@@ -250,7 +251,15 @@ def start_proxy(pg: PgServer, tmp_path: Path) -> Iterator[Callable[..., RunningP
     started: list[RunningProxy] = []
 
     def start(decider: Decider | None = None, **kwargs: Any) -> RunningProxy:
-        proxy = RunningProxy(make_settings(pg, tmp_path, **kwargs), decider)
+        for attempt in range(5):
+            try:
+                proxy = RunningProxy(make_settings(pg, tmp_path, **kwargs), decider)
+                break
+            except OSError as exc:
+                # a port picked by free_port() was taken meanwhile (an outgoing
+                # connection's ephemeral port, say): pick new ports
+                if exc.errno != errno.EADDRINUSE or attempt == 4:
+                    raise
         started.append(proxy)
         return proxy
 

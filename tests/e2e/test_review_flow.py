@@ -148,8 +148,8 @@ def _pending(api_port: int, timeout: float = 10) -> dict:
 
 def test_alice_held_bob_approves_through_the_api(served, pg):
     port, api_port, receiver, _proc = served
-    pg.psql("UPDATE accounts SET balance = 50 WHERE id = 5")
-    psql = _held_psql(port, "UPDATE accounts SET balance = 0 WHERE id = 5")
+    pg.psql("UPDATE accounts SET balance = 50 WHERE id = 95")
+    psql = _held_psql(port, "UPDATE accounts SET balance = 0 WHERE id = 95")
     request = _pending(api_port)
     rid = request["id"]
     # alice cannot approve her own request; the API says why, with a stable code
@@ -157,12 +157,12 @@ def test_alice_held_bob_approves_through_the_api(served, pg):
     assert status == 403 and body["error"]["code"] == "cannot_self_approve"
     status, detail = _api(api_port, "GET", f"/api/v1/requests/{rid}", "bob")
     assert status == 200 and "bob" in json.dumps(detail)
-    assert pg.psql("SELECT balance FROM accounts WHERE id = 5").strip() == "50"
+    assert pg.psql("SELECT balance FROM accounts WHERE id = 95").strip() == "50"
     status, _ = _api(api_port, "POST", f"/api/v1/requests/{rid}/approve", "bob", {"note": "ok"})
     assert status == 200
     _, err = psql.communicate(timeout=30)
     assert f"held for approval as request {rid}" in err
-    assert pg.psql("SELECT balance FROM accounts WHERE id = 5").strip() == "0"
+    assert pg.psql("SELECT balance FROM accounts WHERE id = 95").strip() == "0"
     # webhooks: created (eligible approvers, never the requester), approved, executed; all signed
     deadline = time.time() + 15
     while time.time() < deadline and {"request.created", "request.approved",
@@ -182,17 +182,18 @@ def test_alice_held_bob_approves_through_the_api(served, pg):
 
 def test_deny_through_the_api_and_inbound_hook_approval(served, pg):
     port, api_port, _receiver, _proc = served
-    psql = _held_psql(port, "UPDATE accounts SET balance = 1 WHERE id = 6")
+    pg.psql("UPDATE accounts SET balance = 960 WHERE id = 96")
+    psql = _held_psql(port, "UPDATE accounts SET balance = 1 WHERE id = 96")
     rid = _pending(api_port)["id"]
     status, _ = _api(api_port, "POST", f"/api/v1/requests/{rid}/deny", "bob",
                      {"note": "use the migration tool"})
     assert status == 200
     _, err = psql.communicate(timeout=30)
     assert "denied by bob: use the migration tool" in err
-    assert pg.psql("SELECT balance FROM accounts WHERE id = 6").strip() == "60"
+    assert pg.psql("SELECT balance FROM accounts WHERE id = 96").strip() == "960"
 
     # a chat bot approves for carol through the signed inbound hook
-    psql = _held_psql(port, "UPDATE accounts SET balance = 2 WHERE id = 6")
+    psql = _held_psql(port, "UPDATE accounts SET balance = 2 WHERE id = 96")
     rid = _pending(api_port)["id"]
     body = json.dumps({"request_id": rid, "approver": "carol", "decision": "approve",
                        "note": "from chat"}).encode()
@@ -205,7 +206,7 @@ def test_deny_through_the_api_and_inbound_hook_approval(served, pg):
                           headers={"X-Pgvouch-Signature": header})
     assert status == 200, answer
     psql.communicate(timeout=30)
-    assert pg.psql("SELECT balance FROM accounts WHERE id = 6").strip() == "2"
+    assert pg.psql("SELECT balance FROM accounts WHERE id = 96").strip() == "2"
     # the same signed call again is a replay
     status, answer = _api(api_port, "POST", "/api/v1/hooks/chatbot", raw=body,
                           headers={"X-Pgvouch-Signature": header})
