@@ -15,6 +15,10 @@ statement's error would, and the proxy replaces that error with its own
 ReadyForQuery. Because the poison travels in order with everything else,
 responses reach the client in the order it sent its messages.
 
+A client that asks for ``dbname=pgvouch`` gets the admin console instead of
+an upstream connection: once authenticated, its messages go to
+``proxy.console``, which answers them itself.
+
 Must not: parse SQL (deciders do), or know about listeners and signals
 (``proxy.server`` does).
 """
@@ -30,6 +34,7 @@ from collections import deque
 from typing import TYPE_CHECKING, cast
 
 from proxy import scram, sqlstate, wire
+from proxy.console import Console, wants_console
 from proxy.decide import ALLOW, Decision, Hold, SessionInfo, Statement, Unit, deny
 from proxy.extended import ExtendedTracker, PreparedSql
 from proxy.inbox import Inbox
@@ -185,6 +190,9 @@ class ClientSession(asyncio.Protocol):
         self.decisions: dict[str, int] = {"allow": 0, "deny": 0}
         self._handshake_task: asyncio.Task[None] | None = None
         self._closing = False
+        self.console: Console | None = None  # dbname=pgvouch: the admin console
+        self.writable = asyncio.Event()  # clear while the client's write buffer is full
+        self.writable.set()
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -221,11 +229,13 @@ class ClientSession(asyncio.Protocol):
         self._finish()
 
     def pause_writing(self) -> None:
+        self.writable.clear()
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writable.set()
         up = self.upstream
         if up is not None and up.transport is not None and not up.closed:
             up.transport.resume_reading()
@@ -253,7 +263,7 @@ class ClientSession(asyncio.Protocol):
     async def _handshake(self) -> None:
         limits = self.settings.limits
         try:
-            async with asyncio.timeout(limits.auth_timeout):
+            async with asyncio.timeout(limits.auth_timeout) as deadline:
                 startup = await self._read_startup()
                 if startup is None:
                     return
@@ -263,6 +273,10 @@ class ClientSession(asyncio.Protocol):
                 user = startup.params.get("user", "")
                 await self._authenticate(user)
                 self.phase = advance(self.phase, "authenticated")
+                if wants_console(self.settings, startup.params):
+                    deadline.reschedule(None)  # logged in: no more time limit
+                    await self._serve_console(user, startup.params)
+                    return
                 try:
                     target = resolve(self.settings, startup.params)
                 except StartupRefused as exc:
@@ -405,6 +419,31 @@ class ClientSession(asyncio.Protocol):
         upstream.attach(self)
         if leftover:
             self.data_received(leftover)
+
+    async def _serve_console(self, user: str, params: dict[str, str]) -> None:
+        """The admin console: each message in order, answered by ``proxy.console``."""
+        assert self.transport is not None
+        transport = self.transport
+        console = self.console = Console(self.server, user, params.get("application_name", ""))
+        self.phase = advance(self.phase, "console")
+        self.key_pid, self.key_secret = self.server.register_key(self)
+        transport.write(console.greeting(self.key_pid, self.key_secret))
+        log.info("console session opened id=%s user=%s client=%s tls=%s", self.id, user,
+                 self.peer, self.tls)
+        try:
+            while True:
+                kind, body = await self.inbox.read_message()
+                answer = await console.receive(kind, body)
+                if answer is None or transport.is_closing():
+                    break
+                transport.write(answer)
+                await self.writable.wait()  # a client that does not read gets no more answers
+        except wire.ProtocolError as exc:
+            raise Fatal(sqlstate.PROTOCOL_VIOLATION, f"protocol violation: {exc}") from None
+        finally:
+            log.info("console session closed id=%s user=%s duration=%.3fs", self.id, user,
+                     time.time() - self.opened)
+        self._close()
 
     # ---------------------------------------------------- client → upstream relay
     def _decide(self, unit: Unit) -> Decision:

@@ -22,6 +22,7 @@ class Phase(StrEnum):
     IN_QUERY = "in query"  # statements forwarded, results streaming back
     IN_COPY = "in copy"  # a COPY is streaming
     HELD = "held"  # a unit waits for a decision; nothing is forwarded
+    CONSOLE = "console"  # the admin console (dbname=pgvouch): the proxy answers itself
     CLOSED = "closed"
 
 
@@ -33,6 +34,7 @@ TRANSITIONS: dict[tuple[Phase, str], Phase] = {
     (Phase.STARTUP, "startup"): Phase.AUTH,
     (Phase.AUTH, "authenticated"): Phase.CONNECTING,
     (Phase.CONNECTING, "upstream_ready"): Phase.READY,
+    (Phase.CONNECTING, "console"): Phase.CONSOLE,
     (Phase.READY, "forward"): Phase.IN_QUERY,
     (Phase.IN_QUERY, "forward"): Phase.IN_QUERY,
     (Phase.IN_COPY, "forward"): Phase.IN_COPY,

@@ -29,11 +29,20 @@ STORE_UNAVAILABLE: Final = "PV005"  # the approvals store cannot be used; nothin
 HELD_INPUT_LIMIT: Final = "54000"  # too much pipelined behind a held statement
 QUERY_CANCELED: Final = "57014"  # the client cancelled a held statement (Ctrl-C)
 INTERNAL_ERROR: Final = "XX000"  # the proxy failed; the statement was NOT forwarded
+# the admin console (dbname=pgvouch)
+SYNTAX_ERROR: Final = "42601"  # a command the console does not know, or malformed
+INSUFFICIENT_PRIVILEGE: Final = "42501"  # the workflow refuses this user (four-eyes, ...); RELOAD
+UNDEFINED_OBJECT: Final = "42704"  # no such request
+WRONG_OBJECT_TYPE: Final = "42809"  # REVOKE GRANT of a statement's request
+WRONG_STATE: Final = "55000"  # the request's state does not allow it; approvals not configured
+INVALID_PARAMETER_VALUE: Final = "22023"  # not a request id; a note too long or empty
+CONFIG_FILE_ERROR: Final = "F0000"  # RELOAD: the policies did not load (the old ones stay)
 
 DOCUMENTED: Final = {
     INVALID_PASSWORD: "Password authentication failed (wrong password or unknown user).",
     NOT_AUTHORIZED: "The user may not use the requested account, or sent a startup "
-    "option the proxy refuses (role, session_authorization, replication).",
+    "option the proxy refuses (role, session_authorization, replication); on the console, a "
+    "change to a request under client_auth: trust.",
     UNKNOWN_RESOURCE: "The dbname names no configured resource, or RESOURCE/ACCOUNT "
     "names no account of that resource.",
     TOO_MANY_CONNECTIONS: "limits.max_client_connections is reached.",
@@ -43,8 +52,11 @@ DOCUMENTED: Final = {
     "(timeout, refused, TLS or authentication failure).",
     CONNECTION_FAILURE: "The upstream connection was lost during the session.",
     ADMIN_SHUTDOWN: "The proxy is shutting down and the drain timeout ran out.",
-    FEATURE_NOT_SUPPORTED: "Replication connections are not supported through the proxy.",
-    POLICY_DENIED: "A policy denies the statement; the message names the policy.",
+    FEATURE_NOT_SUPPORTED: "Replication connections are not supported through the proxy; the "
+    "console speaks only the simple query protocol.",
+    POLICY_DENIED: "A policy denies the statement; the message names the policy. On the console: "
+    "the workflow refuses this user (cannot_self_approve, not_eligible, not_requester, "
+    "would_strand), or RELOAD by a user without the owner role.",
     APPROVAL_REQUIRED: "The statement needs approval: in retry mode the message carries the "
     "request id to re-send after approval; also when a hold is impossible (no reachable quorum).",
     APPROVAL_TIMEOUT: "Nobody decided within hold.wait_timeout; the request stays pending and "
@@ -57,4 +69,12 @@ DOCUMENTED: Final = {
     "the connection is closed.",
     QUERY_CANCELED: "The client cancelled a statement while it waited for approval.",
     INTERNAL_ERROR: "The proxy hit an internal error; the statement was not forwarded.",
+    SYNTAX_ERROR: "Console: a command it does not know, or a malformed one (nothing in that "
+    "Query string ran).",
+    UNDEFINED_OBJECT: "Console: no request has that id.",
+    WRONG_OBJECT_TYPE: "Console: REVOKE GRANT names a statement's request.",
+    WRONG_STATE: "Console: the request's state does not allow it (already_reviewed, not_pending, "
+    "expired, ...), or approvals or policies are not configured.",
+    INVALID_PARAMETER_VALUE: "Console: not a request id, or a note that is empty (DENY) or too long.",
+    CONFIG_FILE_ERROR: "Console RELOAD: the policies did not load; the previous ones stay in force.",
 }

@@ -52,7 +52,8 @@ def test_nothing_leaves_closed_but_close() -> None:
 
 
 def test_nothing_is_forwarded_while_held_or_before_ready() -> None:
-    for phase in (Phase.STARTUP, Phase.AUTH, Phase.CONNECTING, Phase.HELD, Phase.CLOSED):
+    for phase in (Phase.STARTUP, Phase.AUTH, Phase.CONNECTING, Phase.HELD, Phase.CONSOLE,
+                  Phase.CLOSED):
         assert (phase, "forward") not in TRANSITIONS
 
 
