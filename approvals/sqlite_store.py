@@ -179,21 +179,36 @@ class SqliteStore:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(
-                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise StoreUnavailable(f"SQLite store {self.path}: cannot use WAL (journal mode {mode})")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.create_function("fnmatch", 2, fnmatchcase, deterministic=True)
-                self._migrate(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
+            # Switching a new file to WAL and the first migration can report
+            # "locked" without waiting for the busy handler when several
+            # processes open the same file at once: retry within busy_timeout.
+            deadline = time.monotonic() + self._busy_timeout
+            while True:
+                try:
+                    self._conn = self._open()
+                    break
+                except sqlite3.OperationalError as exc:
+                    transient = "locked" in str(exc) or "busy" in str(exc)
+                    if not transient or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreUnavailable(f"SQLite store {self.path}: cannot use WAL (journal mode {mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.create_function("fnmatch", 2, fnmatchcase, deterministic=True)
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
