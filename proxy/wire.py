@@ -27,6 +27,7 @@ MAX_STARTUP_SIZE = 10_000  # PostgreSQL itself caps the startup packet at 10000 
 _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!Bi")
 _unpack_header = _HEADER.unpack_from
+ALL_TYPES = frozenset(range(256))
 _unpack_i32 = _I32.unpack_from
 _unpack_i16 = struct.Struct("!h").unpack_from
 _unpack_hh = struct.Struct("!hh").unpack_from
@@ -74,37 +75,8 @@ class Framer:
         return tail
 
     def feed(self, data: bytes) -> tuple[bytes | memoryview, list[tuple[int, int, int]]]:
-        buf = self._buf
-        if buf:
-            buf += data
-            if len(buf) < self._need:
-                return b"", []
-            data = bytes(buf)
-            buf.clear()
-            self._need = 0
-        n = len(data)
-        pos = 0
-        messages: list[tuple[int, int, int]] = []
-        append = messages.append
-        limit = self.max_size
-        unpack = _unpack_header
-        while n - pos >= 5:
-            kind, length = unpack(data, pos)
-            if length < 4 or length > limit:
-                raise ProtocolError(
-                    f"invalid message length {length} for message type {chr(kind)!r}",
-                    remote=self.remote,
-                )
-            end = pos + 1 + length
-            if end > n:
-                self._need = end - pos
-                break
-            append((kind, pos, end))
-            pos = end
-        if pos == n:
-            return data, messages
-        buf += memoryview(data)[pos:]
-        return memoryview(data)[:pos], messages
+        """Every complete message (see the class docstring)."""
+        return self.scan(data, ALL_TYPES)
 
     def scan(self, data: bytes, watch: frozenset[int]) -> tuple[bytes | memoryview,
                                                                  list[tuple[int, int, int]]]:
