@@ -57,10 +57,18 @@ async def run_proxy(
     service = None
     if decider is None:
         if settings.policies:
+            reload_hooks: list[Callable[[str], None]] = [
+                lambda result: proxy.metrics.policy_reloads.labels(result).inc()
+            ]
+
+            def on_reload(result: str) -> None:
+                for hook in reload_hooks:
+                    hook(result)
+
             live = load_live_policies(
                 settings.policies,
                 {name: user.groups for name, user in settings.users.items()},
-                on_reload=lambda result: proxy.metrics.policy_reloads.labels(result).inc(),
+                on_reload=on_reload,
             )
             service = await open_approvals(settings)
             service.listeners.append(proxy.metrics.observe_request)
@@ -70,6 +78,15 @@ async def run_proxy(
                 proxy.metrics.requests_pending.set(len(pending))
             proxy.approvals = service
             auditor = StatementAuditor(service.store, reads=settings.audit_reads)
+
+            def audit_reload(result: str) -> None:
+                auditor.enqueue({
+                    "type": "policy.reloaded" if result == "ok" else "policy.reload_refused",
+                    "actor": "system", "path": live.path, "error": live.last_error,
+                    "policies": [policy.name for policy in live.current.policies],
+                })
+
+            reload_hooks.append(audit_reload)
             proxy.decider = PolicyDecider(live, ApprovalReviewer(service, settings), auditor)
             tasks.append(loop.create_task(live.watch()))
             tasks.append(loop.create_task(service.run_sweeper()))

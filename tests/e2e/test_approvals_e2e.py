@@ -32,6 +32,10 @@ policies:
         action: allow
       - when: {kinds: [write], tables: ["audited_free"]}
         action: allow
+      - when: {kinds: [write], tables: ["short_lived"]}
+        action: review
+        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}],
+                   expires_after: 1s}
       - when: {kinds: [write]}
         action: review
         message: Writes need a DBA
@@ -272,3 +276,22 @@ def test_allowed_write_is_refused_when_the_audit_log_cannot_be_written(pg, tmp_p
         assert proxy.psql("-c", "SELECT 1").stdout.strip() == "1"
     finally:
         proxy.stop()
+
+
+def test_expiry_ends_the_wait_and_the_transaction(held, pg, tmp_path):
+    proxy, approvals = held
+    pg.psql("CREATE TABLE IF NOT EXISTS short_lived(x int); GRANT ALL ON short_lived TO pgv_scram; "
+            "TRUNCATE short_lived")
+    script = tmp_path / "tx.sql"
+    script.write_text("BEGIN;\nINSERT INTO short_lived VALUES (1);\nSELECT 1;\nCOMMIT;\n")
+    proc = subprocess.Popen([PSQL, "-X", "-At", "-v", "ON_ERROR_STOP=0", "-d", proxy.dsn("alice"),
+                             "-f", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    request = approvals.pending()[0]
+    time.sleep(1.2)
+    assert approvals.run(approvals.service.expire_due()) == 1  # the sweeper's job, run now
+    _, err = proc.communicate(timeout=30)
+    assert f"request {request.id} is expired" in err
+    assert "current transaction is aborted" in err  # an expiry aborts the transaction block
+    assert approvals.get(request.id).status is Status.EXPIRED
+    assert pg.psql("SELECT count(*) FROM short_lived").strip() == "0"

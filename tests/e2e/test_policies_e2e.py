@@ -196,6 +196,11 @@ def test_reload_on_change_and_sighup_keeps_old_set_when_invalid(pg, tmp_path: Pa
         proc.wait(20)
     logs = proc.stderr.read() if proc.stderr else ""
     assert "policy reload refused" in logs
+    # reloads are in the audit log too
+    export = subprocess.run([sys.executable, "-m", "proxy.cli", "audit", "export", "--config",
+                             str(cfg), "--format", "jsonl"], capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr
+    assert '"policy.reload_refused"' in export.stdout and '"policy.reloaded"' in export.stdout
 
 
 def test_serve_refuses_to_start_with_invalid_policies(pg, tmp_path: Path):
