@@ -1,19 +1,29 @@
-"""The relay benchmark: pgbench against PostgreSQL directly, pgbouncer and pgvouch.
+"""The relay benchmark: pgbench against PostgreSQL directly, pgbouncer, pgvouch and pgvouch+policy.
 
 Owns: starting a throwaway PostgreSQL (:class:`proxy.pgcluster.LocalPostgres`)
-with a ``pgbench -i`` database, a pgbouncer in session mode and a pgvouch
-(``pgvouch serve``, its own process, as users run it) in front of it, running
-pgbench select-only (simple, extended, prepared) and TPC-B-like at 1 and 16
-clients against all three, and printing one table of tps, latency and the
-ratios pgvouch/direct and pgvouch/pgbouncer. The three targets of a cell are
-run back to back, in an order that rotates from cell to cell and round to
-round, so drift (cache warm-up, CPU frequency, autovacuum) hits all of them
-alike; 1-client cells pin every process to one CPU (see :class:`Placement`).
-Results also go to ``bench/results/latest.json``.
+with a ``pgbench -i`` database, a pgbouncer in session mode and two pgvouch
+processes (``pgvouch serve``, each its own process, as users run it) in front
+of it: ``pgvouch`` relays only (no ``policies:``), ``pgvouch+policy`` loads
+the policy set in ``bench/policies/`` (or ``--policies DIR``) with a SQLite
+approvals/audit store. It runs pgbench select-only (simple, extended,
+prepared) and TPC-B-like at 1 and 16 clients against all four, and prints
+one table of tps, latency and the ratios pgvouch/direct, pgvouch/pgbouncer
+and pgvouch+policy/pgvouch. The targets of a cell are run back to back, in
+an order that rotates from cell to cell and round to round, so drift (cache
+warm-up, CPU frequency, autovacuum) hits all of them alike; 1-client cells
+pin every process to one CPU (see :class:`Placement`). Results also go to
+``bench/results/latest.json``.
 
-The targets the issue sets are ratios from one run on the 2-core dev
+The targets the issues set are ratios from one run on the 2-core dev
 machine: on every select-only mode pgvouch reaches at least 0.9x pgbouncer's
-tps at 16 clients and 0.8x at 1 client. Cells below them are marked.
+tps at 16 clients and 0.8x at 1 client (issue #2), and pgvouch+policy at
+least 0.9x pgvouch's tps at 16 clients (issue #3). Cells below them are
+marked.
+
+TPC-B-like writes would be held for review under the ``bench`` policy, so
+in that mode pgvouch+policy connects as ``bench/writer``: an account whose
+policy allows the pgbench writes, each audited durably before it runs. A
+policy set that refuses those writes (``--policies DIR``) shows ``-`` there.
 
 Must not: import the proxy's internals beyond the cluster launcher, or
 decide anything about the proxy's design; it only measures.
@@ -57,16 +67,25 @@ ROLE_PASSWORD = "bench-secret-password"
 CLIENT_USER = "bench"  # the person pgvouch and pgbouncer see; trust auth for both
 RESULTS = REPO / "bench" / "results" / "latest.json"
 PROFILE = REPO / "bench" / "results" / "pgvouch-profile.txt"
+POLICIES = REPO / "bench" / "policies"
+WRITER_ACCOUNT = "writer"  # pgvouch+policy's account for TPC-B-like; see bench/policies/bench.yaml
 SCALE = 10
 CLIENT_COUNTS = (1, 16)
-TARGETS = ("direct", "pgbouncer", "pgvouch")
-# Minimum pgvouch/pgbouncer tps ratio by client count, for select-only modes.
+RELAY, POLICY = "pgvouch", "pgvouch+policy"
+TARGETS = ("direct", "pgbouncer", RELAY, POLICY)
+# Minimum pgvouch/pgbouncer tps ratio by client count, for select-only modes (issue #2).
 GOALS = {1: 0.8, 16: 0.9}
+# Minimum pgvouch+policy/pgvouch tps ratio by client count, for select-only modes (issue #3).
+POLICY_GOALS = {16: 0.9}
 START_TIMEOUT = 30.0
 
 
 class BenchError(RuntimeError):
     """Something the benchmark needs is missing or did not start."""
+
+
+class PolicyRefused(BenchError):
+    """pgvouch's policy refused (denied, or wanted approval for) one of pgbench's statements."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,10 @@ class Target:
     password: str | None = None
     log: Path | None = None
     pid: int | None = None  # the proxy process, whose CPU time each run records
+    write_dbname: str = DATABASE  # the dbname for modes that write (TPC-B-like)
+
+    def dbname(self, mode: Mode) -> str:
+        return DATABASE if mode.select_only else self.write_dbname
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,7 @@ class Measured:
     """
 
     runs: list[Run] = field(default_factory=list)
+    refused: str | None = None  # why the policy would not let pgbench run here
 
     @property
     def tps(self) -> float:
@@ -149,9 +173,17 @@ class Cell:
         default_factory=lambda: {name: Measured() for name in TARGETS}
     )
 
-    def ratio(self, baseline: str) -> float:
-        base = self.by_target[baseline].tps
-        return self.by_target["pgvouch"].tps / base if base else 0.0
+    def ratio(self, baseline: str, of: str = RELAY) -> float | None:
+        """``of``'s tps over ``baseline``'s; None when either did not run."""
+        base, measured = self.by_target[baseline], self.by_target[of]
+        if not base.runs or not measured.runs or not base.tps:
+            return None
+        return measured.tps / base.tps
+
+    @property
+    def policy_ratio(self) -> float | None:
+        """pgvouch+policy over relay-only pgvouch: what the policy engine costs."""
+        return self.ratio(RELAY, of=POLICY)
 
     @property
     def goal(self) -> float | None:
@@ -159,8 +191,21 @@ class Cell:
 
     @property
     def meets_goal(self) -> bool | None:
-        goal = self.goal
-        return None if goal is None else self.ratio("pgbouncer") >= goal
+        return _meets(self.ratio("pgbouncer"), self.goal)
+
+    @property
+    def policy_goal(self) -> float | None:
+        return POLICY_GOALS.get(self.clients) if self.mode.select_only else None
+
+    @property
+    def meets_policy_goal(self) -> bool | None:
+        return _meets(self.policy_ratio, self.policy_goal)
+
+
+def _meets(ratio: float | None, goal: float | None) -> bool | None:
+    if goal is None:
+        return None
+    return ratio is not None and ratio >= goal
 
 
 # -- processes -----------------------------------------------------------------
@@ -341,16 +386,27 @@ def pgvouch_command() -> list[str]:
     return [sys.executable, "-m", "proxy.cli"]
 
 
-def start_pgvouch(
-    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None
-) -> tuple[Target, subprocess.Popen[bytes]]:
-    workdir = Path(tempfile.mkdtemp(prefix="pgvouch-bench-proxy-"))
-    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-    port, api_port = free_port(), free_port()
-    config = workdir / "pgvouch.yaml"
-    log = workdir / "pgvouch.log"
-    policies_line = f"policies: {json.dumps(str(policies.resolve()))}\n" if policies else ""
-    config.write_text(
+def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
+                   policies: Path | None, workdir: Path) -> str:
+    """``pgvouch.yaml``: relay-only, or with ``policies``, a store in ``workdir`` and the
+    writer account and DBA the policy set in bench/policies/ refers to."""
+    accounts = [("app", ROLE)]
+    users = [f"  - name: {CLIENT_USER}\n"]
+    extra = ""
+    if policies is not None:
+        accounts.append((WRITER_ACCOUNT, ROLE))
+        # Someone who could approve the review rule's `group:dba` step: the
+        # loader refuses a step that nobody could ever approve.
+        users.append("  - name: dba1\n    groups: [dba]\n")
+        store = f"sqlite:///{(workdir / 'bench.db').resolve()}"
+        extra = (
+            f"policies: {json.dumps(str(policies.resolve()))}\n"
+            f"store: {json.dumps(store)}\n"
+            # A statement that needs review is refused at once (SQLSTATE PV001)
+            # rather than held: pgbench must never sit waiting for a DBA.
+            "hold: {mode: retry}\n"
+        )
+    return (
         f"listen: {{host: {HOST}, port: {port}}}\n"
         f"api: {{host: {HOST}, port: {api_port}}}\n"
         "client_auth: trust\n"
@@ -361,13 +417,28 @@ def start_pgvouch(
         f"    port: {pg.port}\n"
         f"    database: {DATABASE}\n"
         "    accounts:\n"
-        "      - name: app\n"
-        f"        user: {ROLE}\n"
-        "        password_env: BENCH_PASSWORD\n"
-        "users:\n"
-        f"  - name: {CLIENT_USER}\n"
-        "log: {level: WARNING}\n" + policies_line
+        + "".join(
+            f"      - name: {name}\n"
+            f"        user: {user}\n"
+            "        password_env: BENCH_PASSWORD\n"
+            for name, user in accounts
+        )
+        + "users:\n" + "".join(users)
+        + "log: {level: WARNING}\n" + extra
     )
+
+
+def start_pgvouch(
+    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None
+) -> tuple[Target, subprocess.Popen[bytes]]:
+    """``pgvouch serve``: the relay-only target, or with ``policies`` the pgvouch+policy one."""
+    name = RELAY if policies is None else POLICY
+    workdir = Path(tempfile.mkdtemp(prefix="pgvouch-bench-proxy-"))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    port, api_port = free_port(), free_port()
+    config = workdir / "pgvouch.yaml"
+    log = workdir / "pgvouch.log"
+    config.write_text(pgvouch_config(port, api_port, pg, policies, workdir))
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
             [*pgvouch_command(), "serve", "--config", str(config)],
@@ -376,9 +447,10 @@ def start_pgvouch(
             start_new_session=True,
         )
     stack.callback(stop_process, proc)
-    wait_accepting(port, proc, log, "pgvouch")
+    wait_accepting(port, proc, log, name)
     wait_ready(api_port, proc, log)
-    return Target("pgvouch", port, CLIENT_USER, log=log, pid=proc.pid), proc
+    write_dbname = DATABASE if policies is None else f"{DATABASE}/{WRITER_ACCOUNT}"
+    return Target(name, port, CLIENT_USER, log=log, pid=proc.pid, write_dbname=write_dbname), proc
 
 
 def wait_ready(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -467,9 +539,13 @@ class Placement:
             return
         cpus = self.cpus_for(clients)
         for pid in [self._postmaster, *children(self._postmaster), *self._proxies]:
-            for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except FileNotFoundError:  # a backend that exited since children() saw it
+                continue
+            for task in tasks:
                 with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                    os.sched_setaffinity(int(task.name), cpus)
+                    os.sched_setaffinity(int(task), cpus)
         os.sched_setaffinity(0, cpus)
 
     def describe(self) -> str:
@@ -493,6 +569,8 @@ _TPS = re.compile(r"^tps = ([\d.]+)", re.M)
 _LATENCY = re.compile(r"^latency average = ([\d.]+) ms", re.M)
 _DONE = re.compile(r"^number of transactions actually processed: (\d+)", re.M)
 _FAILED = re.compile(r"^number of failed transactions: (\d+)", re.M)
+# pgvouch's messages for a statement a policy denies (42501) or wants approved (PV001).
+_REFUSED = re.compile(r"pgvouch: (?:denied by|approval required|this statement needs approval)")
 
 
 def parse_pgbench(output: str, seconds: float, proxy_cpu_seconds: float | None = None) -> Run:
@@ -514,13 +592,25 @@ def run_pgbench(pgbench: str, target: Target, mode: Mode, clients: int, seconds:
     argv = [
         pgbench, "-n", "-h", HOST, "-p", str(target.port), "-U", target.user,
         "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(seconds),
-        *mode.pgbench_args, DATABASE,
+        *mode.pgbench_args, target.dbname(mode),
     ]
     env = clean_env(PGPASSWORD=target.password) if target.password else clean_env()
     cpu_before = cpu_seconds(target.pid) if target.pid is not None else 0.0
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    try:
+        result = subprocess.run(argv, env=env, capture_output=True, text=True, check=False,
+                                timeout=seconds + 60)
+    except subprocess.TimeoutExpired:
+        raise BenchError(
+            f"pgbench against {target.name} ({mode.name}, {clients} clients) did not finish "
+            f"within {seconds + 60} s; is a statement held for approval?"
+            + (f"\n{target.name} log:\n{tail(target.log)}" if target.log else "")
+        ) from None
     cpu_used = cpu_seconds(target.pid) - cpu_before if target.pid is not None else None
     if result.returncode != 0:
+        refused = _REFUSED.search(result.stderr)
+        if refused is not None:
+            line = next(ln for ln in result.stderr.splitlines() if refused.group(0) in ln)
+            raise PolicyRefused(line[line.index("pgvouch:"):].strip())
         raise BenchError(
             f"pgbench against {target.name} ({mode.name}, {clients} clients) failed "
             f"with {result.returncode}:\n{result.stderr.strip()}"
@@ -550,20 +640,55 @@ def measure(
     seconds_per_round: int,
     rounds: int,
 ) -> Iterator[Cell]:
-    """Every (mode, clients) cell; targets interleaved, order rotating per round."""
+    """Every (mode, clients) cell; targets interleaved, order rotating per round.
+
+    A policy that refuses pgbench's writes (TPC-B-like) leaves that target out
+    of the cell, marked refused; refusing select-only pgbench is an error.
+    """
     turn = 0
     for mode in MODES:
         for clients in CLIENT_COUNTS:
             cell = Cell(mode, clients)
             for _ in range(rounds):
                 for target in rotated(targets, turn):
+                    measured = cell.by_target[target.name]
+                    if measured.refused is not None:
+                        continue
                     if not mode.select_only:
                         reset_tpcb(pg)
                     placement.apply(clients)
-                    run = run_pgbench(pgbench, target, mode, clients, seconds_per_round)
-                    cell.by_target[target.name].runs.append(run)
+                    try:
+                        run = run_pgbench(pgbench, target, mode, clients, seconds_per_round)
+                    except PolicyRefused as exc:
+                        if mode.select_only:
+                            raise BenchError(
+                                f"the policy refused select-only pgbench on {target.name}: {exc}"
+                            ) from None
+                        measured.refused = str(exc)
+                        continue
+                    measured.runs.append(run)
                 turn += 1
             yield cell
+
+
+def check_policy_enforced(psql: str, target: Target) -> None:
+    """bench/policies/ is loaded and enforced: TRUNCATE is denied, a write needs approval."""
+    expected = {
+        "TRUNCATE pgbench_history": 'pgvouch: denied by policy "bench"',
+        "UPDATE pgbench_branches SET bbalance = bbalance WHERE bid = 1":
+            'pgvouch: approval required',
+    }
+    for sql, message in expected.items():
+        result = subprocess.run(
+            [psql, "-X", "-q", "-h", HOST, "-p", str(target.port), "-U", target.user,
+             "-d", DATABASE, "-c", sql],
+            env=clean_env(), capture_output=True, text=True, check=False, timeout=30,
+        )
+        if result.returncode == 0 or message not in result.stderr:
+            raise BenchError(
+                f"{target.name} did not enforce bench/policies/: {sql!r} should fail with "
+                f"{message!r}, got exit {result.returncode}: {result.stderr.strip() or '(nothing)'}"
+            )
 
 
 # -- output ----------------------------------------------------------------------
@@ -574,28 +699,52 @@ def _cpu(measured: Measured) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _tps(measured: Measured) -> str:
+    return f"{measured.tps:.0f}" if measured.runs else "-"
+
+
+def _latency(measured: Measured) -> str:
+    return f"{measured.latency_ms:.3f}" if measured.runs else "-"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}x"
+
+
+def _goal(goal: float | None, meets: bool | None) -> str:
+    """The goal and whether the cell meets it, as two columns."""
+    mark = "" if meets is None else ("ok" if meets else "BELOW")
+    return f"{'' if goal is None else f'{goal:.1f}x':>4} {mark:<5}"
+
+
 def render_table(cells: Sequence[Cell]) -> str:
     header = (
-        f"{'mode':<21} {'cli':>3} | {'tps direct':>10} {'pgbouncer':>9} {'pgvouch':>9} | "
-        f"{'lat ms dir':>10} {'pgbouncer':>9} {'pgvouch':>9} | "
+        f"{'mode':<21} {'cli':>3} | {'tps direct':>10} {'pgbouncer':>9} {'pgvouch':>9} "
+        f"{POLICY:>14} | "
+        f"{'lat ms dir':>10} {'pgbouncer':>9} {'pgvouch':>9} {'+policy':>8} | "
         f"{'vouch/dir':>9} {'vouch/bnc':>9} {'goal':>4} {'':<5} | "
-        f"{'cpu us/tx bnc':>13} {'vouch':>6}"
+        f"{'policy/relay':>12} {'goal':>4} {'':<5} | "
+        f"{'cpu us/tx bnc':>13} {'vouch':>6} {'+policy':>7}"
     )
     lines = [header, "-" * len(header)]
     for cell in cells:
         t = cell.by_target
-        goal, meets = cell.goal, cell.meets_goal
-        mark = "" if meets is None else ("ok" if meets else "BELOW")
         lines.append(
             f"{cell.mode.name:<21} {cell.clients:>3} | "
-            f"{t['direct'].tps:>10.0f} {t['pgbouncer'].tps:>9.0f} {t['pgvouch'].tps:>9.0f} | "
-            f"{t['direct'].latency_ms:>10.3f} {t['pgbouncer'].latency_ms:>9.3f} "
-            f"{t['pgvouch'].latency_ms:>9.3f} | "
-            f"{cell.ratio('direct'):>8.3f}x {cell.ratio('pgbouncer'):>8.3f}x "
-            f"{'' if goal is None else f'{goal:.1f}x':>4} {mark:<5} | "
-            f"{_cpu(t['pgbouncer']):>13} {_cpu(t['pgvouch']):>6}"
+            f"{_tps(t['direct']):>10} {_tps(t['pgbouncer']):>9} {_tps(t[RELAY]):>9} "
+            f"{_tps(t[POLICY]):>14} | "
+            f"{_latency(t['direct']):>10} {_latency(t['pgbouncer']):>9} "
+            f"{_latency(t[RELAY]):>9} {_latency(t[POLICY]):>8} | "
+            f"{_ratio(cell.ratio('direct')):>9} {_ratio(cell.ratio('pgbouncer')):>9} "
+            f"{_goal(cell.goal, cell.meets_goal)} | "
+            f"{_ratio(cell.policy_ratio):>12} {_goal(cell.policy_goal, cell.meets_policy_goal)} | "
+            f"{_cpu(t['pgbouncer']):>13} {_cpu(t[RELAY]):>6} {_cpu(t[POLICY]):>7}"
         )
     return "\n".join(lines)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def cell_json(cell: Cell) -> dict[str, object]:
@@ -610,15 +759,25 @@ def cell_json(cell: Cell) -> dict[str, object]:
                 "mean_tps": round(m.mean_tps, 1),
                 "latency_ms": round(m.latency_ms, 4),
                 "proxy_cpu_us_per_transaction": m.cpu_us_per_transaction,
+                "refused": m.refused,
                 "runs": [asdict(run) for run in m.runs],
             }
             for name, m in cell.by_target.items()
         },
-        "pgvouch_vs_direct": round(cell.ratio("direct"), 3),
-        "pgvouch_vs_pgbouncer": round(cell.ratio("pgbouncer"), 3),
+        "pgvouch_vs_direct": _rounded(cell.ratio("direct")),
+        "pgvouch_vs_pgbouncer": _rounded(cell.ratio("pgbouncer")),
         "goal_vs_pgbouncer": cell.goal,
         "meets_goal": cell.meets_goal,
+        "policy_vs_relay": _rounded(cell.policy_ratio),
+        "goal_policy_vs_relay": cell.policy_goal,
+        "meets_policy_goal": cell.meets_policy_goal,
     }
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
 
 
 def git_revision() -> str:
@@ -640,7 +799,8 @@ def write_results(path: Path, meta: dict[str, object], cells: Sequence[Cell]) ->
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="pgbench against PostgreSQL directly, pgbouncer (session mode) and pgvouch.",
+        description="pgbench against PostgreSQL directly, pgbouncer (session mode), pgvouch "
+                    "(relay only) and pgvouch+policy.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="a short run to check the setup: 3 s per target and cell, 1 round")
@@ -652,9 +812,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(default 5, or 1 with --quick): short alternating runs average "
                              "out the run-to-run spread of a shared 2-core machine")
     parser.add_argument("--policies", type=Path, metavar="DIR",
-                        help="run pgvouch with this policy directory (config key `policies`)")
+                        help="the policy directory of the pgvouch+policy target (config key "
+                             f"`policies`; default {POLICIES.relative_to(REPO)}/)")
     parser.add_argument("--profile", action="store_true",
-                        help=f"record pgvouch with py-spy into {PROFILE.relative_to(REPO)} "
+                        help=f"record the relay-only pgvouch with py-spy into {PROFILE.relative_to(REPO)} "
                              "and print its hottest functions")
     parser.add_argument("--no-pin", action="store_true",
                         help="let the scheduler place every process in 1-client cells too "
@@ -679,15 +840,20 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
     """Start everything, measure every cell, stop everything; the figures and their context."""
     seconds_per_round = args.duration // args.rounds
     pgbench = find_client_binary("pgbench")
+    psql = find_client_binary("psql")
     pgbouncer = find_pgbouncer()
+    policies = args.policies if args.policies is not None else POLICIES
     with contextlib.ExitStack() as stack:
         print("starting PostgreSQL ...", file=sys.stderr)
         pg = start_postgres(stack)
         print(f"pgbench -i -s {SCALE} ...", file=sys.stderr)
         prepare_database(pg, pgbench)
         bouncer = start_pgbouncer(stack, pgbouncer, pg)
-        vouch, vouch_proc = start_pgvouch(stack, pg, args.policies)
-        targets = [Target("direct", pg.port, ROLE, ROLE_PASSWORD), bouncer, vouch]
+        vouch, vouch_proc = start_pgvouch(stack, pg, None)
+        vouch_policy, _ = start_pgvouch(stack, pg, policies)
+        if args.policies is None:
+            check_policy_enforced(psql, vouch_policy)
+        targets = [Target("direct", pg.port, ROLE, ROLE_PASSWORD), bouncer, vouch, vouch_policy]
         print("warming up ...", file=sys.stderr)
         for target in targets:
             run_pgbench(pgbench, target, MODES[0], 2, 2 if args.quick else 5)
@@ -705,7 +871,8 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
             cells.append(cell)
             print(
                 f"  {cell.mode.name}, {cell.clients} clients: "
-                + ", ".join(f"{n} {m.tps:.0f} tps" for n, m in cell.by_target.items()),
+                + ", ".join(f"{n} {m.tps:.0f} tps" if m.runs else f"{n} refused: {m.refused}"
+                            for n, m in cell.by_target.items()),
                 file=sys.stderr,
             )
         if profiler is not None:
@@ -723,8 +890,10 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
             "seconds_per_run": seconds_per_round,
             "rounds": args.rounds,
             "placement": placement.describe(),
-            "policies": str(args.policies) if args.policies else None,
+            "policies": shown_path(policies),
+            "policy_tpcb_account": WRITER_ACCOUNT,
             "goals_vs_pgbouncer_select_only": GOALS,
+            "goals_policy_vs_relay_select_only": POLICY_GOALS,
         }
     return meta, cells
 
@@ -732,12 +901,28 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
 def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Cell]) -> None:
     write_results(args.output, meta, cells)
     below = sum(cell.meets_goal is False for cell in cells)
+    policy_below = sum(cell.meets_policy_goal is False for cell in cells)
+    tpcb = [cell for cell in cells if not cell.mode.select_only]
+    refused = next((c.by_target[POLICY].refused for c in tpcb if c.by_target[POLICY].refused), None)
+    if refused is not None:
+        tpcb_note = f"TPC-B-like: the policy set refused pgbench's writes ({refused}), so {POLICY} shows -."
+    else:
+        tpcb_note = (
+            f"TPC-B-like: {POLICY} runs as account `{WRITER_ACCOUNT}` (dbname "
+            f"{DATABASE}/{WRITER_ACCOUNT}), whose policy allows the pgbench writes: each UPDATE "
+            "and INSERT is written durably (SQLite, fsynced) to the audit store before it runs, "
+            "while PostgreSQL here runs with fsync off."
+        )
     print()
     print(render_table(cells))
     print()
     print(
-        f"goal: pgvouch/pgbouncer tps >= {GOALS[16]}x at 16 clients and >= {GOALS[1]}x at "
-        f"1 client on every select-only mode; {below} cell(s) BELOW.\n"
+        f"goal (issue #2): pgvouch/pgbouncer tps >= {GOALS[16]}x at 16 clients and >= "
+        f"{GOALS[1]}x at 1 client on every select-only mode; {below} cell(s) BELOW.\n"
+        f"goal (issue #3): {POLICY}/pgvouch tps (policy/relay) >= {POLICY_GOALS[16]}x at 16 "
+        f"clients on every select-only mode; {policy_below} cell(s) BELOW. "
+        f"Policies: {meta['policies']}.\n"
+        f"{tpcb_note}\n"
         f"tps and latency are medians of {args.rounds} interleaved run(s) of "
         f"{meta['seconds_per_run']} s per target; cpu us/tx is the proxy process's own "
         "user+system CPU per transaction.\n"
