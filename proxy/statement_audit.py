@@ -50,13 +50,21 @@ def statement_event(kind: str, session: SessionInfo, unit: Unit, classification:
 
 
 class StatementAuditor:
-    """Writes statement events: durably on demand, or queued in the background."""
+    """Writes statement events: durably on demand (group commit), or queued.
+
+    Durable events from concurrent sessions are written together in one
+    store transaction (one fsync for the group); each waiting statement goes
+    on only once its event is committed. Queued events (denials, reads) ride
+    along with the next group, or are flushed every ``interval`` seconds.
+    """
 
     def __init__(self, store: Store, *, reads: bool = False) -> None:
         self.store = store
         self.reads = reads
         self._queue: list[dict[str, Any]] = []
+        self._durable: list[tuple[dict[str, Any], asyncio.Future[None]]] = []
         self._wakeup = asyncio.Event()
+        self._running = False
         self.dropped = 0
 
     def enqueue(self, event: dict[str, Any]) -> None:
@@ -64,29 +72,50 @@ class StatementAuditor:
             self.dropped += 1
             return
         self._queue.append(event)
+
+    async def durable(self, event: dict[str, Any]) -> None:
+        """Return once ``event`` is committed; StoreError if it cannot be."""
+        if not self._running:  # no writer loop (tools, tests): write it alone
+            await self.store.append_audit(event)
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._durable.append((event, future))
         self._wakeup.set()
+        await future
 
     async def run(self, interval: float = 0.5) -> None:
-        """Flush the queue in batches until cancelled (then flush what is left)."""
+        """Write groups until cancelled (then flush what is left)."""
+        self._running = True
         try:
             while True:
-                await self._wakeup.wait()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), interval)
+                except TimeoutError:
+                    pass
                 self._wakeup.clear()
                 await self.flush()
-                await asyncio.sleep(interval)
         finally:
+            self._running = False
             await self.flush()
 
     async def flush(self) -> None:
-        batch, self._queue = self._queue, []
-        if not batch:
+        waiting, self._durable = self._durable, []
+        queued, self._queue = self._queue, []
+        if not waiting and not queued:
             return
         try:
-            await self.store.append_audit_many(batch)
-        except StoreError as exc:
-            log.error("could not write %d queued audit event(s): %s; will retry", len(batch), exc)
-            self._queue[:0] = batch[: QUEUE_LIMIT - len(self._queue)]
-            self._wakeup.set()
+            await self.store.append_audit_many([event for event, _ in waiting] + queued)
+        except Exception as exc:  # every waiter must hear back, whatever went wrong
+            log.error("could not write %d audit event(s): %s", len(waiting) + len(queued), exc)
+            error = exc if isinstance(exc, StoreError) else StoreError(str(exc))
+            for _, future in waiting:
+                if not future.done():
+                    future.set_exception(error)
+            self._queue[:0] = queued[: QUEUE_LIMIT - len(self._queue)]
+            return
+        for _, future in waiting:
+            if not future.done():
+                future.set_result(None)
 
 
 class AuditedAllow:
@@ -100,7 +129,7 @@ class AuditedAllow:
 
     async def start(self) -> Decision | str:
         try:
-            await self.auditor.store.append_audit(self.event)
+            await self.auditor.durable(self.event)
         except StoreError as exc:
             log.error("audit store unavailable, statement refused: %s", exc)
             return deny("pgvouch: the audit log cannot be written, so this statement was not run",
