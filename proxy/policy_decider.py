@@ -109,6 +109,7 @@ class PolicyDecider:
         self.reviewer = reviewer
         self.auditor = auditor
         self._decisions: dict[tuple[object, ...], tuple[PolicySet, PolicyDecision]] = {}
+        self._allowed: dict[int, tuple[Classification, PolicySet, tuple[object, ...]]] = {}
 
     def classify_unit(self, session: SessionInfo, unit: Unit) -> Classification:
         prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]
@@ -144,16 +145,28 @@ class PolicyDecider:
 
     def decide(self, session: SessionInfo, unit: Unit) -> Decision:
         classification = self.classify_unit(session, unit)
-        decision = self._evaluate(session, classification)
         auditor = self.auditor
+        policy_set = self.policies.current
+        identity = (session.user, session.groups, session.resource, session.account)
+        # The hot path: a statement shape this identity was already allowed
+        # (unaudited) under this very policy set. Classifications come from the
+        # classifier's caches, so the same object stands for the same shape;
+        # the memo keeps the object alive, so its id cannot be reused.
+        memo = self._allowed.get(id(classification))
+        if memo is not None and memo[0] is classification and memo[1] is policy_set \
+                and memo[2] == identity:
+            return ALLOW
+        decision = self._evaluate(session, classification)
         if decision.action is Action.ALLOW:
-            if auditor is None:
+            unaudited = all(s.kind in _UNAUDITED for s in classification.statements)
+            if auditor is None or (unaudited and not auditor.reads):
+                if len(self._allowed) >= _DECISION_CACHE:
+                    self._allowed.clear()
+                self._allowed[id(classification)] = (classification, policy_set, identity)
                 return ALLOW
-            if all(s.kind in _UNAUDITED for s in classification.statements):
-                if auditor.reads:
-                    auditor.enqueue(statement_event("statement.allowed", session, unit,
-                                                    classification, decision.policy,
-                                                    decision.reason))
+            if unaudited:
+                auditor.enqueue(statement_event("statement.allowed", session, unit,
+                                                classification, decision.policy, decision.reason))
                 return ALLOW
             event = statement_event("statement.allowed", session, unit, classification,
                                     decision.policy, decision.reason)
