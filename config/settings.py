@@ -111,6 +111,13 @@ class HoldSettings:
     heartbeat: float = 60.0  # NOTICE interval while waiting
 
 
+def _secret_from_env(variable: str, owner: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(f"{owner}: environment variable {variable} is not set")
+    return value
+
+
 @dataclass(frozen=True)
 class Webhook:
     url: str
@@ -118,10 +125,7 @@ class Webhook:
     events: tuple[str, ...] = ()  # empty: every event
 
     def secret(self) -> str:
-        value = os.environ.get(self.secret_env)
-        if not value:
-            raise ConfigError(f"webhook {self.url}: environment variable {self.secret_env} is not set")
-        return value
+        return _secret_from_env(self.secret_env, f"webhook {self.url}")
 
 
 @dataclass(frozen=True)
@@ -131,10 +135,7 @@ class Integration:
     approvers: tuple[str, ...]  # user names or group:NAME it may speak for
 
     def secret(self) -> str:
-        value = os.environ.get(self.secret_env)
-        if not value:
-            raise ConfigError(f"integration {self.name}: {self.secret_env} is not set")
-        return value
+        return _secret_from_env(self.secret_env, f"integration {self.name}")
 
 
 @dataclass(frozen=True)

@@ -418,9 +418,8 @@ def decode_query(chunk: bytes | memoryview, start: int, end: int) -> str:
         raise _bad_utf8() from None
 
 
-def read_parse(data: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:
-    """Parse: (statement name, SQL, parameter type OIDs); ``data`` must be bytes."""
-    pos = start + 5
+def _two_cstrings(data: bytes, pos: int, end: int) -> tuple[str, str, int]:
+    """The two NUL-terminated strings that open Parse and Bind, and the second NUL's offset."""
     z = data.find(b"\x00", pos, end)
     if z < 0:
         raise _truncated("a string")
@@ -428,10 +427,16 @@ def read_parse(data: bytes, start: int, end: int) -> tuple[str, str, tuple[int, 
     if z2 < 0:
         raise _truncated("a string")
     try:
-        name = data[pos:z].decode("utf-8") if z > pos else ""
-        sql = data[z + 1 : z2].decode("utf-8")
+        first = data[pos:z].decode("utf-8") if z > pos else ""
+        second = data[z + 1 : z2].decode("utf-8") if z2 > z + 1 else ""
     except UnicodeDecodeError:
         raise _bad_utf8() from None
+    return first, second, z2
+
+
+def read_parse(data: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:
+    """Parse: (statement name, SQL, parameter type OIDs); ``data`` must be bytes."""
+    name, sql, z2 = _two_cstrings(data, start + 5, end)
     pos = z2 + 3
     if pos > end:
         raise _truncated("an Int16")
@@ -454,18 +459,7 @@ def read_bind(data: bytes, start: int, end: int) -> tuple[str, str, int]:
     The whole message is validated; the values are decoded only on demand,
     by :func:`bind_values` on ``data[offset:end]``.
     """
-    pos = start + 5
-    z = data.find(b"\x00", pos, end)
-    if z < 0:
-        raise _truncated("a string")
-    z2 = data.find(b"\x00", z + 1, end)
-    if z2 < 0:
-        raise _truncated("a string")
-    try:
-        portal = data[pos:z].decode("utf-8") if z > pos else ""
-        statement = data[z + 1 : z2].decode("utf-8") if z2 > z + 1 else ""
-    except UnicodeDecodeError:
-        raise _bad_utf8() from None
+    portal, statement, z2 = _two_cstrings(data, start + 5, end)
     # the same checks as _bind_tail, without building anything
     pos = tail = z2 + 1
     if pos + 4 > end:
