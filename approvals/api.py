@@ -24,15 +24,16 @@ import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from approvals import workflow
+from approvals import preview, workflow
+from approvals.approval_mode import MAX_REASON, ApprovalModeError, ApprovalModes
 from approvals.auth import TokenAuthenticator
 from approvals.model import JSONObject, Request, Status, normalize_request_id
 from approvals.service import ApprovalService
-from approvals.store import Delivery, DeliveryStatus, NotFound, StoreUnavailable
+from approvals.store import ApprovalMode, Delivery, DeliveryStatus, NotFound, StoreUnavailable
 from approvals.webhooks import (
     SIGNATURE_HEADER,
     ReplayGuard,
@@ -44,6 +45,9 @@ from approvals.webhooks import (
 from approvals.workflow import Code, WorkflowError, format_duration
 from config.settings import Integration, Settings, User
 from config.yamlnodes import ConfigError
+
+if TYPE_CHECKING:
+    from approvals.grants import GrantDesk
 
 log = logging.getLogger("pgvouch.api")
 
@@ -58,8 +62,8 @@ AUTHENTICATOR = web.AppKey("approvals_authenticator", TokenAuthenticator)
 REPLAYS = web.AppKey("approvals_replays", ReplayGuard)
 USER = web.RequestKey("approvals_user", User)
 
-# Routes that authenticate otherwise (the hook by its signature) or not at all.
-PUBLIC_ROUTES = frozenset({"openapi", "hook"})
+# Routes that authenticate otherwise (the hooks by their signatures) or not at all.
+PUBLIC_ROUTES = frozenset({"openapi", "hook", "slack_interactions"})
 
 # The HTTP status of every error code the API returns.
 CODE_STATUS: Mapping[str, int] = {
@@ -89,6 +93,15 @@ CODE_STATUS: Mapping[str, int] = {
     "bad_signature": 401,
     "replayed_signature": 401,
     "not_delegated": 403,
+    "not_owner": 403,
+    "not_off": 409,
+    # grants (approvals.grants)
+    "invalid_grant": 400,
+    "unknown_resource": 400,
+    "account_not_allowed": 403,
+    "grant_denied": 403,
+    "no_approval_needed": 409,
+    "grants_unavailable": 503,
     "not_found": 404,
     "method_not_allowed": 405,
     "payload_too_large": 413,
@@ -109,13 +122,19 @@ class ApiError(Exception):
         self.message = message
 
 
-def add_approval_routes(app: web.Application, service: ApprovalService, settings: Settings) -> None:
+def add_approval_routes(app: web.Application, service: ApprovalService, settings: Settings,
+                        grants: GrantDesk | None = None) -> None:
     """Mount the approvals API at ``/api/v1`` on ``app`` (before ``app`` starts)."""
-    app.add_subapp(API_PREFIX, approvals_app(service, settings))
+    app.add_subapp(API_PREFIX, approvals_app(service, settings, grants))
 
 
-def approvals_app(service: ApprovalService, settings: Settings) -> web.Application:
-    """The API as an application of its own, routes relative to ``/api/v1``."""
+def approvals_app(service: ApprovalService, settings: Settings,
+                  grants: GrantDesk | None = None) -> web.Application:
+    """The API as an application of its own, routes relative to ``/api/v1``.
+
+    ``grants`` answers grant requests (it needs the policies); without it
+    ``POST /grants`` and ``convert-to-grant`` answer ``grants_unavailable``.
+    """
     api = web.Application(middlewares=[_json_errors, _authenticate])
     api[SERVICE] = service
     api[SETTINGS] = settings
@@ -133,6 +152,20 @@ def approvals_app(service: ApprovalService, settings: Settings) -> web.Applicati
     router.add_get("/audit/verify", audit_verify, name="audit_verify")
     router.add_get("/deliveries", deliveries, name="deliveries")
     router.add_post("/hooks/{integration}", hook, name="hook")
+    from approvals.grants_api import add_grant_routes  # it imports this module
+
+    add_grant_routes(api, grants)
+    modes = router.add_resource("/approval-mode", name="approval_mode")
+    modes.add_route("GET", get_approval_mode)
+    modes.add_route("POST", set_approval_mode)
+    if settings.slack is not None:
+        from approvals.slack_interactions import SlackInteractions  # it imports this module
+
+        slack = SlackInteractions(service, settings, api[REPLAYS])
+        router.add_post("/slack/interactions", slack.handle, name="slack_interactions")
+        api.on_cleanup.append(slack.cleanup)
+    else:
+        router.add_post("/slack/interactions", slack_not_configured, name="slack_interactions")
     return api
 
 
@@ -301,6 +334,34 @@ async def hook(request: web.Request) -> web.Response:
         request.app[REPLAYS].forget(seen)  # nothing happened: the same signed call may be retried
         raise
     return web.json_response(render_request(updated, service.clock(), approver))
+
+
+async def get_approval_mode(request: web.Request) -> web.Response:
+    modes = await ApprovalModes(request.app[SERVICE]).current()
+    return web.json_response({"modes": [render_mode(mode) for mode in modes]})
+
+
+async def set_approval_mode(request: web.Request) -> web.Response:
+    """Break-glass: an owner switches approvals off (or back on) for a resource glob."""
+    fields = _parse_object(await _read_body(request), ("resources", "enabled", "reason"),
+                           required=("resources", "enabled"))
+    resources, enabled, reason = fields["resources"], fields["enabled"], fields.get("reason")
+    if not isinstance(resources, str):
+        raise ApiError("bad_request", "resources must be a string (a glob such as prod-*)")
+    if not isinstance(enabled, bool):
+        raise ApiError("bad_request", "enabled must be true or false")
+    if reason is not None and not isinstance(reason, str):
+        raise ApiError("bad_request", "reason must be a string")
+    try:
+        change = await ApprovalModes(request.app[SERVICE]).set_approval_mode(
+            request[USER], resources, enabled, reason)
+    except ApprovalModeError as exc:
+        raise ApiError(exc.code, exc.message) from None
+    return web.json_response({"mode": render_mode(change.mode), "expired": list(change.expired)})
+
+
+async def slack_not_configured(request: web.Request) -> web.Response:
+    raise ApiError("not_found", "Slack is not configured here (notify.slack)")
 
 
 def _check_hook_signature(request: web.Request, integration: Integration, body: bytes) -> str:
@@ -473,6 +534,7 @@ def render_request(request: Request, now: float, viewer: str | None = None) -> J
         "executed_at": request.executed_at,
         "note": request.note,
         "error": request.error,
+        "preview": preview.render(request.preview, now),
         "summary": progress.summary(),
         "time_left": progress.time_left,
         "time_left_text": None if progress.time_left is None else format_duration(progress.time_left),
@@ -514,12 +576,17 @@ def render_request(request: Request, now: float, viewer: str | None = None) -> J
     }
 
 
+def render_mode(mode: ApprovalMode) -> JSONObject:
+    return {"resources": mode.glob, "enabled": mode.enabled, "reason": mode.reason,
+            "changed_by": mode.actor, "changed_at": mode.changed_at}
+
+
 def render_delivery(delivery: Delivery) -> JSONObject:
     request = delivery.payload.get("request")
     return {
         "id": delivery.id,
         "channel": delivery.channel,
-        "target": redact_url(delivery.target),
+        "target": redact_url(delivery.target) if delivery.channel == "webhook" else delivery.target,
         "event": delivery.payload.get("event"),
         "request_id": request.get("id") if isinstance(request, dict) else None,
         "status": str(delivery.status),
@@ -678,6 +745,68 @@ OPENAPI: JSONObject = {
             "post": _vote_operation("Withdraw a pending request (its requester only)",
                                     "Only the requester may cancel (not_requester)."),
         },
+        "/requests/{id}/convert-to-grant": {
+            "post": {
+                "summary": "Turn your pending statement request into a grant request",
+                "description": (
+                    "Its requester only (not_requester). Cancels the statement request (note "
+                    "\"converted to grant R-...\"; a psql still waiting for it gets the "
+                    "cancellation) and asks for a grant of the statement's kinds and tables on the "
+                    "same resource and account, checked like POST /grants."
+                ),
+                "parameters": [_REQUEST_ID_PARAM],
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("ConvertBody")}}},
+                "responses": {
+                    "201": _json(_object({"grant": _ref("Request"), "cancelled": _ref("Request")}),
+                                 "The new grant request and the cancelled statement request"),
+                    **_errors(*_COMMON, 403, 404, 409),
+                },
+            }
+        },
+        "/grants": {
+            "post": {
+                "summary": "Ask for a just-in-time grant (you are the requester)",
+                "description": (
+                    "Checked against the policies in force as one statement per kind naming the "
+                    "tables (any table when none are given): a kind a policy denies is refused "
+                    "(grant_denied: a grant never overrides a deny), nothing to review is refused "
+                    "(no_approval_needed), a deciding rule without jit is refused "
+                    "(grant_not_allowed), a duration above the rules' jit.max_duration is refused "
+                    "with the cap in the message (duration_too_long). Otherwise a pending grant "
+                    "request goes through the rules' steps like a statement; its window starts at "
+                    "approval."
+                ),
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("GrantBody")}}},
+                "responses": {"201": _json(_ref("Request"), "The pending grant request"),
+                              **_errors(*_COMMON, 403, 409)},
+            },
+            "get": {
+                "summary": "List grant requests, newest first (among the newest 500 requests)",
+                "parameters": [
+                    {"name": "active", "in": "query", "required": False,
+                     "description": "true: only approved grants whose window is open",
+                     "schema": {"type": "boolean"}},
+                    {"name": "mine", "in": "query", "required": False,
+                     "description": "true: only your own grants", "schema": {"type": "boolean"}},
+                    _limit(DEFAULT_LIMIT, MAX_LIST_LIMIT),
+                ],
+                "responses": {
+                    "200": _json(_object({"grants": {"type": "array", "items": _ref("Request")}}),
+                                 "The matching grants"),
+                    **_errors(400, 401, 500, 503),
+                },
+            },
+        },
+        "/grants/{id}/revoke": {
+            "post": _vote_operation(
+                "End an approved grant now",
+                "Its requester or anyone eligible to approve it (not_eligible); only approved "
+                "grants (not_approved); statements are not revoked (wrong_subject). With "
+                "terminate_sessions the holder's sessions on the resource are closed (PV006).",
+            )
+        },
         "/audit": {
             "get": {
                 "summary": "Audit events in id order",
@@ -740,6 +869,57 @@ OPENAPI: JSONObject = {
                               **_errors(*_COMMON, 403, 404, 409)},
             }
         },
+        "/approval-mode": {
+            "get": {
+                "summary": "Where approvals are switched off (break-glass), and every glob ever switched",
+                "responses": {
+                    "200": _json(_object({"modes": {"type": "array", "items": _ref("ApprovalMode")}}),
+                                 "The current mode of every glob, by glob"),
+                    **_errors(401, 405, 500, 503),
+                },
+            },
+            "post": {
+                "summary": "Switch approvals off (break-glass) or back on for a resource glob; owners only",
+                "description": (
+                    "Off: statements that would be held for review on a matching resource run "
+                    "directly, each audited as statement.break_glass; deny rules still apply. "
+                    "Pending requests on those resources are expired at once. A reason is "
+                    "required. On: ends the break-glass of that same glob (not_off if it is not "
+                    "off). Every switch is audited (approval_mode.off / approval_mode.on) and "
+                    "announced to every webhook, Slack and email. Only users with roles: [owner] "
+                    "(not_owner)."
+                ),
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("ApprovalModeBody")}}},
+                "responses": {
+                    "200": _json(_object({
+                        "mode": _ref("ApprovalMode"),
+                        "expired": {"type": "array", "items": {"type": "string"},
+                                    "description": "the pending requests this switch expired"},
+                    }), "The new mode"),
+                    **_errors(*_COMMON, 403, 409),
+                },
+            },
+        },
+        "/slack/interactions": {
+            "post": {
+                "summary": "Slack's interactivity requests (Approve / Deny buttons); only with notify.slack",
+                "description": (
+                    "Authenticated by Slack's `X-Slack-Signature: v0=<hex HMAC-SHA256(signing secret, "
+                    "\"v0:<X-Slack-Request-Timestamp>:<body>\")>`; the timestamp must be within 5 "
+                    "minutes and each signature is accepted once. The form body's `payload` is a "
+                    "block_actions JSON; the Slack user must be mapped (`users[].slack_id`). The vote "
+                    "goes through the same workflow; the HTTP response is an empty 200 as soon as the "
+                    "click is authenticated and valid, and the answer is sent later to the payload's "
+                    "`response_url` (allowed hosts only)."
+                ),
+                "security": [],
+                "requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {
+                    "schema": _object({"payload": {"type": "string"}}, ["payload"])}}},
+                "responses": {"200": {"description": "Accepted (the answer goes to response_url)"},
+                              **_errors(400, 401, 404, 413, 500)},
+            }
+        },
     },
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -760,6 +940,24 @@ OPENAPI: JSONObject = {
                 "roles": {"type": "array", "items": {"type": "string"}},
             }),
             "NoteBody": _object({"note": {"type": ["string", "null"], "maxLength": MAX_NOTE}}, required=[]),
+            "GrantBody": _object(
+                {
+                    "resource": {"type": "string"},
+                    "account": {"type": "string"},
+                    "kinds": {"type": "array", "items": {"enum": ["read", "session", "write", "ddl",
+                                                                  "destructive", "privilege", "admin",
+                                                                  "unknown"]}},
+                    "tables": {"type": "array", "items": {"type": "string"},
+                               "description": "table globs as in policies (public.orders*); none: any table"},
+                    "duration": {"type": "string", "description": "e.g. 1h, 30m, 1h30m"},
+                    "reason": {"type": "string"},
+                    "terminate_sessions": {"type": "boolean", "default": False,
+                                           "description": "close your sessions on the resource "
+                                                          "when the grant ends"},
+                },
+                required=["resource", "account", "kinds", "duration", "reason"],
+            ),
+            "ConvertBody": _object({"duration": {"type": "string"}, "reason": {"type": "string"}}),
             "HookBody": _object(
                 {
                     "request_id": {"type": "string"},
@@ -789,6 +987,14 @@ OPENAPI: JSONObject = {
                 "executed_at": _nullable("number"),
                 "note": _nullable("string"),
                 "error": _nullable("string"),
+                "preview": {
+                    "type": ["object", "null"],
+                    "description": "statement: the impact preview (EXPLAIN without ANALYZE on a "
+                                   "separate connection as the same account): at, stale_after, "
+                                   "stale, age, status (ok, failed, not_applicable), "
+                                   "estimated_rows, statements [{sql, status, estimated_rows, "
+                                   "plan, plan_truncated, error}]; null until it is made",
+                },
                 "summary": {"type": "string"},
                 "time_left": {"type": ["number", "null"],
                               "description": "pending: until expiry; approved: until the approval lapses"},
@@ -841,6 +1047,22 @@ OPENAPI: JSONObject = {
                 "next_after_id": {"type": ["integer", "null"],
                                   "description": "pass as after_id for the next page; null at the end"},
             }),
+            "ApprovalMode": _object({
+                "resources": {"type": "string", "description": "fnmatch glob on resource names"},
+                "enabled": {"type": "boolean", "description": "false: approvals are off (break-glass)"},
+                "reason": _nullable("string"),
+                "changed_by": {"type": "string"},
+                "changed_at": {"type": "number"},
+            }),
+            "ApprovalModeBody": _object(
+                {
+                    "resources": {"type": "string", "description": "a glob, e.g. prod-*"},
+                    "enabled": {"type": "boolean"},
+                    "reason": {"type": ["string", "null"], "maxLength": MAX_REASON,
+                               "description": "required to switch off"},
+                },
+                required=["resources", "enabled"],
+            ),
             "Verification": _object({
                 "ok": {"type": "boolean"},
                 "first_bad_id": _nullable("integer"),

@@ -19,7 +19,9 @@ Subjects
       a text parameter's value is its text, a binary one's is hex (a text
       value that is not valid UTF-8 is hex too, marked ``"hex": true``), NULL
       is ``None``. Build it with :func:`statement_subject` and
-      :func:`bound_param`.
+      :func:`bound_param`. The proxy adds ``"statements": [{"sql",
+      "param_indexes"}]`` (each statement of the unit with its parameters,
+      for the impact preview); it is not part of the fingerprint.
     - grant: ``{"kinds", "tables", "duration", "reason"}`` (duration in
       seconds); build it with :func:`grant_subject`.
 
@@ -122,6 +124,7 @@ class Request:
     error: str | None  # why execution failed
     fingerprint: str
     version: int  # bumped by the store on every update (compare-and-swap)
+    preview: JSONObject | None = None  # statement: the impact preview (``approvals.preview``)
 
 
 # -- ids ---------------------------------------------------------------------
@@ -310,6 +313,7 @@ def request_to_dict(request: Request) -> JSONObject:
         "error": request.error,
         "fingerprint": request.fingerprint,
         "version": request.version,
+        "preview": request.preview,
     }
 
 
@@ -355,6 +359,7 @@ def request_from_dict(doc: Mapping[str, Any]) -> Request:
         error=doc.get("error"),
         fingerprint=doc["fingerprint"],
         version=int(doc["version"]),
+        preview=doc.get("preview"),
     )
 
 

@@ -22,7 +22,10 @@ Concurrency across replicas
     it moved and gets ``Conflict``. Audit appends lock the single
     ``audit_head`` row (``SELECT ... FOR UPDATE``), so the chain is extended
     by one transaction at a time. Deliveries are claimed with
-    ``FOR UPDATE SKIP LOCKED``. Commits are durable when they return:
+    ``FOR UPDATE SKIP LOCKED`` (a claim is a lease: exclusive until it runs
+    out). Every request write also sends ``request:<id>`` on the schema's
+    NOTIFY channel in its transaction (``approvals.pg_notify``), so other
+    replicas wake their held statements on commit. Commits are durable when they return:
     if the server runs with ``synchronous_commit`` off (or local), the
     store's sessions start with it on.
 
@@ -58,9 +61,11 @@ from approvals.audit import (
     seal,
 )
 from approvals.model import Request, Status, SubjectKind, canonical_json
+from approvals.pg_notify import REQUEST, change_channel, notify
 from approvals.store import (
     DEFAULT_PG_SCHEMA,
     ID_ATTEMPTS,
+    ApprovalMode,
     Conflict,
     Delivery,
     DeliveryStatus,
@@ -142,6 +147,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX deliveries_due ON {{schema}}.deliveries (status, next_attempt_at);
     """,
+    """
+    CREATE TABLE {schema}.approval_modes (
+        glob text PRIMARY KEY,
+        enabled boolean NOT NULL,
+        reason text,
+        actor text NOT NULL,
+        changed_at double precision NOT NULL
+    );
+    """,
 ]
 
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -182,6 +196,7 @@ class PgStore:
         self.dsn = dsn
         self.schema = schema
         self._q = f'"{schema}"'
+        self.channel = change_channel(schema)  # where this store announces its changes
         self._min_size = min_size
         self._max_size = max_size
         self._timeout = timeout
@@ -302,6 +317,7 @@ class PgStore:
                 candidate = replace(candidate, id=retry_id(attempt))
             else:
                 raise StoreError(f"no free request id after {ID_ATTEMPTS} attempts")
+            await notify(conn, self.channel, REQUEST, candidate.id)
             if effects is not None:
                 await self._apply(conn, effects(candidate))
         return candidate
@@ -391,6 +407,7 @@ class PgStore:
                 if exists is None:
                     raise NotFound(f"no request {stored.id}")
                 raise Conflict(stored.id, expected_version)
+            await notify(conn, self.channel, REQUEST, stored.id)
             if effects is not None:
                 await self._apply(conn, effects)
         return stored
@@ -540,6 +557,28 @@ class PgStore:
                 limit,
             )
         return [_delivery(row) for row in rows]
+
+    # -- approval mode -------------------------------------------------------------
+
+    async def set_approval_mode(self, mode: ApprovalMode, *, effects: Effects) -> ApprovalMode:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                f"INSERT INTO {self._t('approval_modes')} (glob, enabled, reason, actor, changed_at) "
+                "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (glob) DO UPDATE SET enabled = excluded.enabled, "
+                "reason = excluded.reason, actor = excluded.actor, changed_at = excluded.changed_at",
+                mode.glob, mode.enabled, mode.reason, mode.actor, mode.changed_at,
+            )
+            await self._apply(conn, effects)
+        return mode
+
+    async def approval_modes(self) -> builtins.list[ApprovalMode]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT glob, enabled, reason, actor, changed_at FROM {self._t('approval_modes')}"
+            )
+        modes = [ApprovalMode(row["glob"], row["enabled"], row["reason"], row["actor"], row["changed_at"])
+                 for row in rows]
+        return sorted(modes, key=lambda mode: mode.glob)
 
 
 def _request_values(request: Request) -> tuple[Any, ...]:

@@ -51,6 +51,7 @@ from approvals.audit import (
 from approvals.model import Request, Status, SubjectKind, canonical_json
 from approvals.store import (
     ID_ATTEMPTS,
+    ApprovalMode,
     Conflict,
     Delivery,
     DeliveryStatus,
@@ -126,6 +127,15 @@ MIGRATIONS: list[str] = [
         delivered_at REAL
     );
     CREATE INDEX deliveries_due ON deliveries (status, next_attempt_at);
+    """,
+    """
+    CREATE TABLE approval_modes (
+        glob TEXT PRIMARY KEY,
+        enabled INTEGER NOT NULL,
+        reason TEXT,
+        actor TEXT NOT NULL,
+        changed_at REAL NOT NULL
+    );
     """,
 ]
 
@@ -565,6 +575,32 @@ class SqliteStore:
                 (status, status, limit),
             ).fetchall()
             return [_delivery(row) for row in rows]
+
+        return await self._run(work)
+
+    # -- approval mode -------------------------------------------------------------
+
+    async def set_approval_mode(self, mode: ApprovalMode, *, effects: Effects) -> ApprovalMode:
+        def work(conn: sqlite3.Connection) -> ApprovalMode:
+            with self._write(conn):
+                conn.execute(
+                    "INSERT INTO approval_modes (glob, enabled, reason, actor, changed_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (glob) DO UPDATE SET enabled = excluded.enabled, "
+                    "reason = excluded.reason, actor = excluded.actor, changed_at = excluded.changed_at",
+                    (mode.glob, int(mode.enabled), mode.reason, mode.actor, mode.changed_at),
+                )
+                self._apply(conn, effects)
+            return mode
+
+        return await self._run(work)
+
+    async def approval_modes(self) -> builtins.list[ApprovalMode]:
+        def work(conn: sqlite3.Connection) -> builtins.list[ApprovalMode]:
+            rows = conn.execute(
+                "SELECT glob, enabled, reason, actor, changed_at FROM approval_modes"
+            ).fetchall()
+            modes = [ApprovalMode(row[0], bool(row[1]), row[2], row[3], row[4]) for row in rows]
+            return sorted(modes, key=lambda mode: mode.glob)
 
         return await self._run(work)
 

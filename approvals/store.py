@@ -2,8 +2,9 @@
 
 Owns: the :class:`Store` protocol (requests with compare-and-swap updates,
 the hash-chained audit log, the durable delivery queue for webhooks and
-email), its errors, the :class:`Effects` written atomically with a request
-change, the :class:`Delivery` record, :func:`open_store` for a ``store:``
+email, the approval mode per resource glob), its errors, the
+:class:`Effects` written atomically with a request change, the
+:class:`Delivery` record, :func:`open_store` for a ``store:``
 URL (``sqlite:///path`` or ``postgresql://...``), and the few helpers both
 backends share (the stored document form, id retries on collision).
 
@@ -112,6 +113,17 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class ApprovalMode:
+    """Whether approvals are on for resources matching ``glob`` (break-glass: off), and why."""
+
+    glob: str
+    enabled: bool
+    reason: str | None
+    actor: str  # who set it
+    changed_at: float
+
+
+@dataclass(frozen=True)
 class Effects:
     """Written in the same transaction as a request change."""
 
@@ -202,6 +214,12 @@ class Store(Protocol):
 
     async def list_deliveries(self, status: str | None = None, limit: int = 100) -> builtins.list[Delivery]:
         """Newest first."""
+
+    async def set_approval_mode(self, mode: ApprovalMode, *, effects: Effects) -> ApprovalMode:
+        """Record ``mode`` as the current one for ``mode.glob``, with ``effects``, in one transaction."""
+
+    async def approval_modes(self) -> builtins.list[ApprovalMode]:
+        """The current mode of every glob ever set, by glob."""
 
 
 async def open_store(url: str, *, connect: bool = True) -> Store:

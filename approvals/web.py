@@ -295,6 +295,9 @@ class ActivityQueue:
             return filters
         docs, pending = await self._queue(filters, session.user)
         body = web_html.queue_body(docs, self.service.clock(), filters, pending)
+        off = [(m.glob, m.actor, m.reason or "") for m in await self.service.store.approval_modes()
+               if not m.enabled]
+        body = web_html.join([web_html.break_glass_banner(off), body])
         return self._page(session, "Activity Queue", body, pending, tab="queue")
 
     @_store_errors

@@ -28,6 +28,7 @@ from string import Template
 from typing import Any
 from urllib.parse import urlencode
 
+from approvals import preview as impact
 from approvals.audit import AuditEvent, Verification
 from approvals.model import JSONObject, Status
 from approvals.workflow import format_duration
@@ -251,6 +252,16 @@ def page(title: str, body: Html, chrome: Chrome | None, tab: str = "") -> Html:
     return fill(_LAYOUT, title=title, nav=nav, flashes=flashes, body=body, assets=ASSETS)
 
 
+_BREAK_GLASS = Template('<p class="flash error break-glass" role="alert"><strong>Approvals are OFF for '
+                        '$glob</strong> (break-glass by $actor: $reason): statements that need review '
+                        'run without it, each audited.</p>')
+
+
+def break_glass_banner(off: Sequence[tuple[str, str, str]]) -> Html:
+    """A red banner per glob whose approvals are off: (glob, who switched it off, why)."""
+    return join(fill(_BREAK_GLASS, glob=glob, actor=actor, reason=reason) for glob, actor, reason in off)
+
+
 def error_body(title: str, message: str, code: str | None = None) -> Html:
     detail = fill(Template(' <code class="code">$code</code>'), code=code) if code else Html("")
     return fill(Template("""<h1>$title</h1>
@@ -470,13 +481,14 @@ def review_body(doc: JSONObject, now: float, *, csrf: str, next_url: str, max_no
         policies=", ".join(doc["policies"]) or "—",
         submitted=time_element(doc["created_at"], ago(doc["created_at"], now)),
         expiry_label=expiry_label, expiry=expiry, extra_facts=join(extra),
-        subject=grant_block(doc["subject"]) if is_grant else statement_block(doc["subject"]),
+        subject=grant_block(doc["subject"]) if is_grant
+        else statement_block(doc["subject"], doc.get("preview")),
         steps=steps_block(doc), votes=votes_block(doc), outcome=outcome_block(doc),
         actions=actions_block(doc, csrf=csrf, next_url=next_url, max_note=max_note),
     )
 
 
-def statement_block(subject: Mapping[str, Any]) -> Html:
+def statement_block(subject: Mapping[str, Any], preview: Mapping[str, Any] | None = None) -> Html:
     params = subject.get("params") or []
     rows = join(
         fill(Template('<tr><th scope="row">$$$n</th><td><code>$value</code></td><td>$type</td>'
@@ -487,11 +499,14 @@ def statement_block(subject: Mapping[str, Any]) -> Html:
         for index, param in enumerate(params, start=1)
     )
     session = subject.get("session") or {}
-    preview = subject.get("preview")
     preview_block = Html("")
     if preview is not None:
-        preview_block = fill(Template('<h3>Impact preview</h3><pre class="json" tabindex="0">$plan</pre>'),
-                             plan=json.dumps(preview, indent=2, ensure_ascii=False))
+        preview_block = fill(
+            Template('<h3>Impact preview</h3><p class="hint">$summary$stale</p>'
+                     '<pre class="json" tabindex="0">$plan</pre>'),
+            summary=impact.summary(preview), stale=" (stale: refreshed when you approve)"
+            if preview.get("stale") else "",
+            plan=json.dumps(preview.get("statements"), indent=2, ensure_ascii=False))
     return fill(
         _STATEMENT, sql=highlight_sql(str(subject.get("sql", ""))),
         params=fill(_PARAMS, rows=rows) if params else Html(""),

@@ -4,8 +4,10 @@ Owns: the signature scheme both directions share (``X-Pgvouch-Signature:
 t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>``: :func:`sign`,
 :func:`check_signature`, :func:`verify`), the replay guard for inbound
 hooks (:class:`ReplayGuard`), which approvers an integration may speak for
-(:func:`speaks_for`), and the :class:`DeliveryWorker` that drains the
-store's durable delivery queue with retries and backoff.
+(:func:`speaks_for`), the :class:`WebhookSender`, and the
+:class:`DeliveryWorker` that drains the store's durable delivery queue with
+retries and backoff, handing each delivery to the sender of its channel
+(webhook here; Slack and email plug in through ``approvals.channels``).
 
 Must not: decide anything about requests (inbound decisions go through
 ``ApprovalService.vote`` like any other vote), build event payloads (the
@@ -28,13 +30,14 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import StrEnum
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from prometheus_client import Counter
 
+from approvals.channels import WEBHOOK, DeliveryFailed, Sender
 from approvals.model import canonical_json
 from approvals.store import Delivery, Store, StoreUnavailable
 from approvals.workflow import GROUP_PREFIX
@@ -49,7 +52,7 @@ EVENT_HEADER = "X-Pgvouch-Event"
 SIGNATURE_VERSION = "v1"
 REPLAY_WINDOW = 300.0  # seconds a signature's timestamp may differ from our clock
 
-WEBHOOK_CHANNEL = "webhook"
+WEBHOOK_CHANNEL = WEBHOOK
 SEND_TIMEOUT = 5.0
 # Seconds to wait after the 1st, 2nd, ... failed attempt; the last entry repeats.
 BACKOFF: tuple[float, ...] = (5.0, 30.0, 120.0, 600.0, 3600.0)
@@ -226,21 +229,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class DeliveryFailed(Exception):
-    """One attempt did not get a 2xx answer; the message is kept as ``last_error``."""
-
-
 SessionFactory = Callable[[], aiohttp.ClientSession]
 
 
 class DeliveryWorker:
-    """Sends queued webhook deliveries from the store, retrying failures with backoff.
+    """Sends queued deliveries from the store through their channel's sender, retrying with backoff.
 
     Run ``run(interval)`` as a background task (cancel it to stop). Several
     workers (replicas) may share one store: ``claim_due_deliveries`` hands
-    each delivery to exactly one of them, as a lease. ``counter``, if given,
-    is a prometheus Counter with one label, ``result``: delivered, retry or
-    dead.
+    each delivery to exactly one of them, as a lease. The webhook sender is
+    always there; ``senders`` adds others (Slack, email) or replaces it. A
+    delivery for a channel without a sender is dead at once: it is recorded
+    and never crashes the worker. ``counter``, if given, is a prometheus
+    Counter with one label, ``result``: delivered, retry or dead.
     """
 
     def __init__(
@@ -249,6 +250,7 @@ class DeliveryWorker:
         settings: Settings,
         session_factory: SessionFactory = aiohttp.ClientSession,
         *,
+        senders: Iterable[Sender] = (),
         counter: Counter | None = None,
         clock: Callable[[], float] = time.time,
         batch: int = 10,
@@ -260,13 +262,11 @@ class DeliveryWorker:
         self.counter = counter
         self.clock = clock
         self.batch = batch
-        self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.lease_seconds = lease_seconds
-        self._session_factory = session_factory
-        self._session: aiohttp.ClientSession | None = None
-        self._secrets: dict[str, Callable[[], str]] = {}
-        for hook in settings.webhooks:  # the first webhook with a url signs for it
-            self._secrets.setdefault(hook.url, hook.secret)
+        self.webhooks = WebhookSender(settings, session_factory, clock=clock, timeout=timeout)
+        self.senders: dict[str, Sender] = {WEBHOOK_CHANNEL: self.webhooks}
+        for sender in senders:
+            self.senders[sender.channel] = sender
 
     async def run(self, interval: float = 1.0) -> None:
         """Deliver due deliveries every ``interval`` seconds until cancelled."""
@@ -297,21 +297,20 @@ class DeliveryWorker:
         return len(due)
 
     async def close(self) -> None:
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        for sender in self.senders.values():
+            await sender.close()
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
             await self._send(delivery)
         except DeliveryFailed as exc:
             error = str(exc)[:MAX_ERROR_LENGTH]
-            next_at = retry_at(delivery.attempts, self.clock())
+            next_at = None if exc.permanent else retry_at(delivery.attempts, self.clock())
             await self._finish(delivery, ok=False, error=error, next_attempt_at=next_at)
             result = "retry" if next_at is not None else "dead"
             log.warning(
-                "webhook delivery %d to %s failed (attempt %d, %s): %s",
-                delivery.id, redact_url(delivery.target), delivery.attempts,
+                "%s delivery %d to %s failed (attempt %d, %s): %s",
+                delivery.channel, delivery.id, redact_url(delivery.target), delivery.attempts,
                 "will retry" if next_at is not None else "giving up", error,
             )
         else:
@@ -330,8 +329,40 @@ class DeliveryWorker:
             log.info("delivery %d was re-claimed after its lease ran out; result not recorded", delivery.id)
 
     async def _send(self, delivery: Delivery) -> None:
-        if delivery.channel != WEBHOOK_CHANNEL:
-            raise DeliveryFailed(f"this pgvouch has no sender for channel {delivery.channel!r}")
+        sender = self.senders.get(delivery.channel)
+        if sender is None:
+            raise DeliveryFailed(
+                f"this pgvouch has no sender for channel {delivery.channel!r}", permanent=True)
+        await sender.send(delivery)
+
+
+class WebhookSender:
+    """POSTs a webhook delivery's JSON, signed with the secret of the webhook that has its url."""
+
+    channel = WEBHOOK_CHANNEL
+
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: SessionFactory = aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.time,
+        timeout: float = SEND_TIMEOUT,
+    ) -> None:
+        self.clock = clock
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session_factory = session_factory
+        self._session: aiohttp.ClientSession | None = None
+        self._secrets: dict[str, Callable[[], str]] = {}
+        for hook in settings.webhooks:  # the first webhook with a url signs for it
+            self._secrets.setdefault(hook.url, hook.secret)
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def send(self, delivery: Delivery) -> None:
         secret_of = self._secrets.get(delivery.target)
         if secret_of is None:
             raise DeliveryFailed("no webhook with this url is configured any more")
@@ -354,12 +385,12 @@ class DeliveryWorker:
                 delivery.target, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
             ) as response:
                 if not 200 <= response.status < 300:
-                    raise DeliveryFailed(f"HTTP {response.status}{await _excerpt(response)}")
+                    raise DeliveryFailed(f"HTTP {response.status}{await response_excerpt(response)}")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise DeliveryFailed(f"{type(exc).__name__}: {exc}".rstrip(": ")) from None
 
 
-async def _excerpt(response: aiohttp.ClientResponse, limit: int = 200) -> str:
+async def response_excerpt(response: aiohttp.ClientResponse, limit: int = 200) -> str:
     """``": <start of the body>"`` of a refused delivery, to help whoever reads ``last_error``."""
     try:
         text = (await response.content.read(limit)).decode("utf-8", "replace").strip()

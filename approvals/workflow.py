@@ -23,6 +23,7 @@ The lifecycle::
     approved --consume (statement, before approved_until)--> executing
     executing --mark_executed--> executed      executing --mark_failed--> failed
     approved --revoke (grant; requester or an eligible approver)--> revoked
+    pending --preview (statement; attach an impact preview)--> pending
 
 ``executing`` is the claim that makes "runs exactly once" hold across
 sessions and replicas: the proxy forwards a statement only after the store
@@ -111,6 +112,7 @@ class EventType(StrEnum):
     EXECUTED = "request.executed"
     FAILED = "request.failed"
     REVOKED = "request.revoked"
+    PREVIEWED = "request.previewed"
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ class Action(StrEnum):
     SUCCEED = "succeed"
     FAIL = "fail"
     REVOKE = "revoke"
+    PREVIEW = "preview"  # attach an impact preview; the status stays
 
 
 # status -> {action: new status}. Anything not listed is refused.
@@ -148,6 +151,7 @@ TRANSITIONS: Mapping[Status, Mapping[Action, Status]] = MappingProxyType(
             Action.DENY: Status.DENIED,
             Action.CANCEL: Status.CANCELLED,
             Action.EXPIRE: Status.EXPIRED,
+            Action.PREVIEW: Status.PENDING,  # statements only
         },
         Status.APPROVED: {
             Action.CONSUME: Status.EXECUTING,  # statements only
@@ -178,6 +182,7 @@ _WRONG_STATUS: Mapping[Action, Code] = MappingProxyType(
         Action.REVOKE: Code.NOT_APPROVED,
         Action.SUCCEED: Code.NOT_EXECUTING,
         Action.FAIL: Code.NOT_EXECUTING,
+        Action.PREVIEW: Code.NOT_PENDING,
     }
 )
 _VOTES = frozenset({Action.APPROVE, Action.APPROVE_FINAL, Action.DENY})
@@ -636,6 +641,29 @@ def revoke(request: Request, user: str, now: float, note: str | None = None) -> 
         )
     revoked = _move(request, Action.REVOKE, note=note)
     return Outcome(revoked, [Event(EventType.REVOKED, request.id, user, now, {"note": note})])
+
+
+def attach_preview(request: Request, preview: JSONObject, now: float, *,
+                   trigger: str = "created", requested_by: str | None = None) -> Outcome:
+    """Keep an impact preview (``approvals.preview``) on a pending statement.
+
+    ``trigger`` says why it was made: ``created`` (right after submit) or
+    ``approve`` (a stale or missing one refreshed before ``requested_by``'s
+    approval is accepted). The proxy makes previews, so the actor is system.
+    """
+    if request.subject_kind is not SubjectKind.STATEMENT:
+        raise WorkflowError(Code.WRONG_SUBJECT, f"{request.id} is a grant; only statements are previewed")
+    previous = request.preview
+    previewed = _move(request, Action.PREVIEW, preview=preview)
+    data: JSONObject = {
+        "status": preview.get("status"),
+        "estimated_rows": preview.get("estimated_rows"),
+        "preview_at": preview.get("at"),
+        "previous_at": None if previous is None else previous.get("at"),
+        "trigger": trigger,
+        "requested_by": requested_by,
+    }
+    return Outcome(previewed, [Event(EventType.PREVIEWED, request.id, SYSTEM, now, data)])
 
 
 # -- questions about a request -----------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,14 @@ class Api:
     host: str = "127.0.0.1"
     port: int = 8432
     enabled: bool = True
+    public_url: str | None = None  # how people reach the API and Activity Queue (links in mail, Slack)
+
+    def base_url(self) -> str:
+        """The Activity Queue's address for links: ``public_url``, else the listen address."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,8 @@ class User:
     password_verifier: str | None = field(default=None, repr=False)
     api_token_sha256: str | None = field(default=None, repr=False)
     roles: tuple[str, ...] = ()
+    email: str | None = None
+    slack_id: str | None = None  # Slack member id (U0123ABCD) for votes cast from Slack
 
 
 @dataclass(frozen=True)
@@ -109,6 +120,19 @@ class HoldSettings:
     approved_ttl: float = 3600.0  # how long an approved statement may be re-sent
     expires_after: float = 8 * 3600.0  # a pending request expires after this
     heartbeat: float = 60.0  # NOTICE interval while waiting
+    # A held statement re-reads its request at least this often (the fallback when a change on
+    # another replica is not announced by NOTIFY); the expiry sweep runs this often.
+    poll_interval: float = 2.0
+    sweep_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class PreviewSettings:
+    """``preview``: the impact preview (EXPLAIN, never ANALYZE) of held statements."""
+
+    enabled: bool = True
+    stale_after: float = 30 * 60.0  # refreshed before an approval is accepted once this old
+    timeout: float = 5.0  # statement_timeout of the EXPLAIN (the connection has its own limit)
 
 
 def _secret_from_env(variable: str, owner: str) -> str:
@@ -126,6 +150,43 @@ class Webhook:
 
     def secret(self) -> str:
         return _secret_from_env(self.secret_env, f"webhook {self.url}")
+
+
+@dataclass(frozen=True)
+class SlackSettings:
+    """``notify.slack``: an incoming webhook for messages, a signing secret for button clicks."""
+
+    webhook_url_env: str
+    signing_secret_env: str
+    channel: str | None = None
+    response_url_hosts: tuple[str, ...] = ("hooks.slack.com",)
+
+    def webhook_url(self) -> str:
+        return _secret_from_env(self.webhook_url_env, "notify.slack")
+
+    def signing_secret(self) -> str:
+        return _secret_from_env(self.signing_secret_env, "notify.slack")
+
+
+@dataclass(frozen=True)
+class EmailSettings:
+    """``notify.email``: the SMTP relay pgvouch sends notifications through."""
+
+    smtp_host: str
+    sender: str  # the From address (``from`` in YAML)
+    smtp_port: int = 587
+    starttls: bool = True
+    username_env: str | None = None
+    password_env: str | None = None
+    ca_file: str | None = None  # trust this CA for STARTTLS instead of the system's
+    announce_to: tuple[str, ...] = ()  # users / group:NAME mailed announcements, besides owners
+    timeout: float = 10.0
+
+    def credentials(self) -> tuple[str, str] | None:
+        if self.username_env is None or self.password_env is None:
+            return None
+        return (_secret_from_env(self.username_env, "notify.email"),
+                _secret_from_env(self.password_env, "notify.email"))
 
 
 @dataclass(frozen=True)
@@ -156,6 +217,9 @@ class Settings:
     audit_reads: bool = False
     webhooks: tuple[Webhook, ...] = ()
     integrations: tuple[Integration, ...] = ()
+    preview: PreviewSettings = field(default_factory=PreviewSettings)
+    slack: SlackSettings | None = None
+    email: EmailSettings | None = None
 
     def groups_of(self, user: str) -> tuple[str, ...]:
         entry = self.users.get(user)
@@ -239,13 +303,35 @@ def _user(node: Node) -> User:
     token = m["api_token_sha256"].str() if "api_token_sha256" in m else None
     if token is not None and (len(token) != 64 or any(c not in "0123456789abcdef" for c in token)):
         raise m["api_token_sha256"].error("api_token_sha256 must be 64 lowercase hex digits")
+    email = m["email"].str() if "email" in m else None
+    if email is not None and not _EMAIL.fullmatch(email):
+        raise m["email"].error(f"not an email address: {email!r}")
+    slack_id = m["slack_id"].str() if "slack_id" in m else None
+    if slack_id is not None and not _SLACK_ID.fullmatch(slack_id):
+        raise m["slack_id"].error(f"a slack_id is a Slack member id such as U0123ABCD, not {slack_id!r}")
     return User(
         name=m["name"].str(),
         groups=tuple(m["groups"].str_list()) if "groups" in m else (),
         password_verifier=verifier,
         api_token_sha256=token,
         roles=tuple(m["roles"].str_list()) if "roles" in m else (),
+        email=email,
+        slack_id=slack_id,
     )
+
+
+_EMAIL = re.compile(r"[^@\s<>,;\"]+@[^@\s<>,;\"]+")
+_SLACK_ID = re.compile(r"[UW][A-Z0-9]{2,31}")
+
+
+def _check_unique_slack_ids(node: Node | None, users: dict[str, User]) -> None:
+    owners: dict[str, str] = {}
+    for item, user in zip(node.items() if node is not None else [], users.values(), strict=False):
+        if user.slack_id is None:
+            continue
+        if user.slack_id in owners:
+            raise item.error(f"slack_id {user.slack_id} is already {owners[user.slack_id]}'s")
+        owners[user.slack_id] = user.name
 
 
 def _limits(node: Node | None) -> Limits:
@@ -269,12 +355,12 @@ def _limits(node: Node | None) -> Limits:
 
 TOP_KEYS = (
     "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log", "policies",
-    "store", "hold", "audit", "notify", "integrations",
+    "store", "store_env", "hold", "audit", "notify", "integrations", "preview",
 )
 EVENT_TYPES = (
     "request.created", "request.voted", "request.step_completed", "request.approved",
     "request.denied", "request.cancelled", "request.expired", "request.executing",
-    "request.executed", "request.failed", "request.revoked",
+    "request.executed", "request.failed", "request.revoked", "request.previewed",
 )
 
 
@@ -282,8 +368,16 @@ def _hold(node: Node | None) -> HoldSettings:
     d = HoldSettings()
     if node is None:
         return d
-    m = node.mapping(("mode", "wait_timeout", "approved_ttl", "expires_after", "heartbeat"))
+    m = node.mapping(("mode", "wait_timeout", "approved_ttl", "expires_after", "heartbeat",
+                      "poll_interval", "sweep_interval"))
+    intervals: dict[str, float] = {}
+    for key in ("poll_interval", "sweep_interval"):
+        if key in m:
+            intervals[key] = m[key].duration()
+            if not 0 < intervals[key] <= 3600:
+                raise m[key].error(f"{key} must be a duration between 1ms and 1h, such as 2s")
     return HoldSettings(
+        **intervals,
         mode=m["mode"].choice(("wait", "retry")) if "mode" in m else d.mode,
         wait_timeout=m["wait_timeout"].duration() if "wait_timeout" in m else d.wait_timeout,
         approved_ttl=m["approved_ttl"].duration() if "approved_ttl" in m else d.approved_ttl,
@@ -292,10 +386,25 @@ def _hold(node: Node | None) -> HoldSettings:
     )
 
 
+def _preview(node: Node | None) -> PreviewSettings:
+    d = PreviewSettings()
+    if node is None:
+        return d
+    m = node.mapping(("enabled", "stale_after", "timeout"))
+    stale_after = m["stale_after"].duration() if "stale_after" in m else d.stale_after
+    if stale_after <= 0:
+        raise m["stale_after"].error("stale_after must be a positive duration such as 30m")
+    timeout = m["timeout"].duration() if "timeout" in m else d.timeout
+    if not 0 < timeout <= 300:
+        raise m["timeout"].error("timeout must be a duration between 1ms and 5m, such as 5s")
+    return PreviewSettings(enabled=m["enabled"].bool() if "enabled" in m else d.enabled,
+                           stale_after=stale_after, timeout=timeout)
+
+
 def _webhooks(node: Node | None) -> tuple[Webhook, ...]:
     if node is None:
         return ()
-    m = node.mapping(("webhooks",))
+    m = node.mapping(("webhooks", "slack", "email"))
     hooks = []
     for item in m["webhooks"].items() if "webhooks" in m else []:
         h = item.mapping(("url", "secret_env", "events"), ("url", "secret_env"))
@@ -311,6 +420,52 @@ def _webhooks(node: Node | None) -> tuple[Webhook, ...]:
     return tuple(hooks)
 
 
+def _slack(notify: Node | None) -> SlackSettings | None:
+    node = None if notify is None else notify.mapping(("webhooks", "slack", "email")).get("slack")
+    if node is None:
+        return None
+    m = node.mapping(("webhook_url_env", "signing_secret_env", "channel", "response_url_hosts"),
+                     ("webhook_url_env", "signing_secret_env"))
+    hosts = tuple(m["response_url_hosts"].str_list()) if "response_url_hosts" in m else None
+    if hosts is not None and not hosts:
+        raise m["response_url_hosts"].error("name at least one host (Slack's is hooks.slack.com)")
+    return SlackSettings(
+        webhook_url_env=m["webhook_url_env"].str(),
+        signing_secret_env=m["signing_secret_env"].str(),
+        channel=m["channel"].str() if "channel" in m else None,
+        response_url_hosts=hosts or SlackSettings.response_url_hosts,
+    )
+
+
+def _email(notify: Node | None) -> EmailSettings | None:
+    node = None if notify is None else notify.mapping(("webhooks", "slack", "email")).get("email")
+    if node is None:
+        return None
+    m = node.mapping(
+        ("smtp_host", "smtp_port", "starttls", "username_env", "password_env", "from", "ca_file",
+         "announce_to", "timeout"),
+        ("smtp_host", "from"),
+    )
+    if ("username_env" in m) != ("password_env" in m):
+        raise m.error("give both username_env and password_env, or neither")
+    sender = m["from"].str()
+    if not _EMAIL.search(sender) or any(c in sender for c in "\r\n"):
+        raise m["from"].error(f"from must be an address such as pgvouch@example.com, not {sender!r}")
+    starttls = m["starttls"].bool() if "starttls" in m else True
+    return EmailSettings(
+        smtp_host=m["smtp_host"].str(),
+        sender=sender,
+        smtp_port=m["smtp_port"].int(minimum=1, maximum=65535) if "smtp_port" in m
+        else 587 if starttls else 25,
+        starttls=starttls,
+        username_env=m["username_env"].str() if "username_env" in m else None,
+        password_env=m["password_env"].str() if "password_env" in m else None,
+        ca_file=m["ca_file"].str() if "ca_file" in m else None,
+        announce_to=tuple(m["announce_to"].str_list()) if "announce_to" in m else (),
+        timeout=m["timeout"].duration() if "timeout" in m else 10.0,
+    )
+
+
 def _integrations(node: Node | None) -> tuple[Integration, ...]:
     if node is None:
         return ()
@@ -320,6 +475,25 @@ def _integrations(node: Node | None) -> tuple[Integration, ...]:
         result.append(Integration(m["name"].str(), m["secret_env"].str(),
                                   tuple(m["approvers"].str_list())))
     return tuple(result)
+
+
+def _store(m: Mapping) -> str:
+    """``store``, or the URL in the environment variable ``store_env`` names (secrets stay out of files)."""
+    if "store" in m and "store_env" in m:
+        raise m["store_env"].error("give store or store_env, not both")
+    if "store_env" in m:
+        variable = m["store_env"].str()
+        store = os.environ.get(variable, "")
+        if not store:
+            raise m["store_env"].error(f"store_env: the environment variable {variable} is not set")
+        where = m["store_env"]
+    else:
+        if "store" not in m:
+            return "sqlite:///pgvouch.db"
+        store, where = m["store"].str(), m["store"]
+    if not store.startswith(("sqlite://", "postgresql://", "postgres://")):
+        raise where.error("store must be sqlite:///PATH or postgresql://...")
+    return store
 
 
 def settings_from_node(root: Node) -> Settings:
@@ -332,8 +506,13 @@ def settings_from_node(root: Node) -> Settings:
         if api_node.node.tag == "tag:yaml.org,2002:bool":
             api = Api(enabled=api_node.bool())
         else:
-            host, port = _listen(api_node, 8432)
-            api = Api(host=host, port=port)
+            am = api_node.mapping(("host", "port", "public_url"))
+            host = am["host"].str() if "host" in am else "127.0.0.1"
+            port = am["port"].int(minimum=0, maximum=65535) if "port" in am else 8432
+            public_url = am["public_url"].str() if "public_url" in am else None
+            if public_url is not None and not public_url.startswith(("http://", "https://")):
+                raise am["public_url"].error("public_url must start with http:// or https://")
+            api = Api(host=host, port=port, public_url=public_url)
     tls = None
     if "tls" in m:
         t = m["tls"].mapping(("cert_file", "key_file"), ("cert_file", "key_file"))
@@ -354,6 +533,7 @@ def settings_from_node(root: Node) -> Settings:
             if user.name in users:
                 raise item.error(f"duplicate user {user.name!r}")
             users[user.name] = user
+    _check_unique_slack_ids(m.get("users"), users)
     log_format, log_level = "plain", "INFO"
     if "log" in m:
         lm = m["log"].mapping(("format", "level"))
@@ -366,9 +546,7 @@ def settings_from_node(root: Node) -> Settings:
         # Relative paths are relative to the config file, so a config and its
         # policy directory can move together (Docker, Kubernetes ConfigMaps).
         policies = str((Path(root.file).parent / m["policies"].str()).resolve())
-    store = m["store"].str() if "store" in m else "sqlite:///pgvouch.db"
-    if not store.startswith(("sqlite://", "postgresql://", "postgres://")):
-        raise m["store"].error("store must be sqlite:///PATH or postgresql://...")
+    store = _store(m)
     audit_reads = False
     if "audit" in m:
         am = m["audit"].mapping(("reads",))
@@ -376,8 +554,11 @@ def settings_from_node(root: Node) -> Settings:
     return Settings(
         store=store,
         hold=_hold(m.get("hold")),
+        preview=_preview(m.get("preview")),
         audit_reads=audit_reads,
         webhooks=_webhooks(m.get("notify")),
+        slack=_slack(m.get("notify")),
+        email=_email(m.get("notify")),
         integrations=_integrations(m.get("integrations")),
         listen=Listen(listen_host, listen_port),
         api=api,

@@ -42,7 +42,7 @@ def make_app(proxy: ProxyServer) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if proxy.approvals is not None:
-        add_approval_routes(app, proxy.approvals, proxy.settings)
+        add_approval_routes(app, proxy.approvals, proxy.settings, proxy.grants)
         add_web_routes(app, proxy.approvals, proxy.settings)
     return app
 

@@ -1,7 +1,8 @@
 """Holding a statement for approval: the proxy's side of the approvals workflow.
 
 Owns: turning a policy's ``review`` decision into a :class:`StatementHold`
-for the session: find an approved request for the identical statement (same
+for the session: run it under a covering JIT grant if the user holds one
+(``proxy.grant_coverage``); else find an approved request for the identical statement (same
 text, parameters, user, resource, account and session context) and claim it
 for its one run; else reuse the pending one or submit a new request; then
 wait for people to decide (``wait`` mode) or refuse at once with the request
@@ -21,6 +22,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from approvals import workflow
+from approvals.approval_mode import ApprovalModes
 from approvals.model import Request, Status, SubjectKind, bound_param, statement_subject, subject_fingerprint
 from approvals.service import ApprovalService
 from approvals.store import StoreError
@@ -29,18 +31,22 @@ from config.settings import HoldSettings, Settings
 from policies.classify import Classification
 from policies.evaluate import Decision as PolicyDecision
 from proxy import sqlstate
+from proxy.break_glass import BreakGlassCheck
 from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
+from proxy.grant_coverage import GrantCheck, GrantUsed
+from proxy.statement_audit import StatementAuditor
 
 log = logging.getLogger("pgvouch.hold")
-
-POLL_INTERVAL = 2.0  # re-read the store at least this often (other replicas, lost wakeups)
 
 
 def _subject(session: SessionInfo, unit: Unit, classification: Classification,
              database: str) -> dict[str, Any]:
     texts = [s.sql or "<unreadable statement>" for s in unit.statements]
-    params = []
+    params: list[dict[str, Any]] = []
+    statements = []  # each unit statement with its parameters, for the impact preview
     for statement in unit.statements:
+        statements.append({"sql": statement.sql,
+                           "param_indexes": list(range(len(params), len(params) + len(statement.params)))})
         for index, value in enumerate(statement.params):
             formats = statement.param_formats
             binary = bool(formats[index] if len(formats) > 1 else (formats[0] if formats else 0))
@@ -52,21 +58,28 @@ def _subject(session: SessionInfo, unit: Unit, classification: Classification,
         "role": session.server_params.get("session_authorization"),
         "database": database,
     }
-    return statement_subject(
+    subject = statement_subject(
         sql=";\n".join(texts),
         params=params,
         kinds=[s.kind.value for s in classification.statements],
         tables=[t for s in classification.statements for t in s.tables],
         session=context,
     )
+    subject["statements"] = statements  # not part of the fingerprint (sql and params are)
+    return subject
 
 
 class StatementHold:
     """One held unit; the session drives it (start, outcome, heartbeats, finished)."""
 
     def __init__(self, service: ApprovalService, hold: HoldSettings, session: SessionInfo,
-                 subject: dict[str, Any], decision: PolicyDecision) -> None:
+                 subject: dict[str, Any], decision: PolicyDecision,
+                 grant_check: GrantCheck | None = None, *,
+                 break_glass: BreakGlassCheck | None = None) -> None:
         self.service = service
+        self.break_glass = break_glass  # approvals switched off for the resource: run it, audited
+        self.unreviewed = False
+        self.grant_check = grant_check  # a running JIT grant may cover the unit
         self.session = session
         self.subject = subject
         self.decision = decision
@@ -75,6 +88,7 @@ class StatementHold:
         self.approved_ttl = decision.hold.approved_ttl or hold.approved_ttl
         self.expires_after = decision.expires_after or hold.expires_after
         self.heartbeat_interval = hold.heartbeat
+        self.poll_interval = hold.poll_interval  # re-read at least this often (missed NOTIFY, outage)
         self.request: Request | None = None
         self.claimed = False
         self._cancelled: str | None = None
@@ -83,10 +97,17 @@ class StatementHold:
 
     # -- the Hold protocol --------------------------------------------------------
     async def start(self) -> Decision | str:
+        approvals_off = await self._approvals_off()
+        if approvals_off is not None:
+            return approvals_off
         s = self.session
         fingerprint = subject_fingerprint(SubjectKind.STATEMENT, self.subject, s.user, s.resource,
                                           s.account)
         store = self.service.store
+        if self.grant_check is not None:
+            under_grant = await self.grant_check.run()
+            if under_grant is not None:
+                return under_grant
         try:
             now = self.service.clock()
             approved = await store.find_approved(fingerprint, now)
@@ -132,6 +153,8 @@ class StatementHold:
         )
 
     def outcome(self) -> Awaitable[Decision]:
+        if self.unreviewed:
+            return _allowed()
         return self._wait()
 
     def heartbeat(self) -> str | None:
@@ -147,6 +170,8 @@ class StatementHold:
             self._cancel_event.set()
 
     def finished(self, ok: bool, error: str | None) -> None:
+        if self.unreviewed and self.break_glass is not None:
+            self.break_glass.finished(ok, error)
         if self.request is None or not self.claimed:
             return
         request_id = self.request.id
@@ -160,6 +185,14 @@ class StatementHold:
         asyncio.get_running_loop().create_task(record())
 
     # -- internals ---------------------------------------------------------------------
+    async def _approvals_off(self) -> Decision | str | None:
+        """Break-glass: a NOTICE (the unit runs unreviewed: ``outcome`` allows it), a refusal, or None."""
+        if self.break_glass is None:
+            return None
+        result = await self.break_glass.run()
+        self.unreviewed = isinstance(result, str)
+        return result
+
     def _what(self) -> str:
         steps = "; ".join(f"{st.name}: {st.required} of {', '.join(st.approvers)}"
                           for st in self.decision.steps)
@@ -177,29 +210,31 @@ class StatementHold:
         while True:
             if self._cancelled is not None:
                 return await self._cancel_request(request_id)
+            change = self.service.watch(request_id)  # before the read: a change during it still wakes
             try:
-                current = await self.service.store.get(request_id)
-            except StoreError:
-                current = None
-            if current is not None:
-                self.request = current
-                final = await self._settle(current)
-                if final is not None:
-                    return final
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return deny(
-                    f"pgvouch: no decision on request {request_id} within "
-                    f"{workflow.format_duration(self.wait_timeout)}; it stays pending",
-                    code=sqlstate.APPROVAL_TIMEOUT,
-                    hint=f"Re-send the identical statement once {request_id} is approved.",
-                )
-            change = asyncio.ensure_future(self.service.wait_change(request_id,
-                                                                    min(POLL_INTERVAL, left)))
-            cancelled = asyncio.ensure_future(self._cancel_event.wait())
-            await asyncio.wait({change, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            change.cancel()
-            cancelled.cancel()
+                try:
+                    current = await self.service.store.get(request_id)
+                except StoreError:
+                    current = None
+                if current is not None:
+                    self.request = current
+                    final = await self._settle(current)
+                    if final is not None:
+                        return final
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return deny(
+                        f"pgvouch: no decision on request {request_id} within "
+                        f"{workflow.format_duration(self.wait_timeout)}; it stays pending",
+                        code=sqlstate.APPROVAL_TIMEOUT,
+                        hint=f"Re-send the identical statement once {request_id} is approved.",
+                    )
+                cancelled: asyncio.Future[Any] = asyncio.ensure_future(self._cancel_event.wait())
+                await asyncio.wait({change, cancelled}, timeout=min(self.poll_interval, left),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                cancelled.cancel()
+            finally:
+                self.service.unwatch(request_id, change)
 
     async def _settle(self, request: Request) -> Decision | None:
         if request.status is Status.PENDING:
@@ -220,7 +255,8 @@ class StatementHold:
             note = f": {request.note}" if request.note else ""
             return deny(f"pgvouch: request {request.id} was denied by {voter or 'a reviewer'}{note}",
                         code=sqlstate.APPROVAL_DENIED, policy=self.decision.policy)
-        return deny(f"pgvouch: request {request.id} is {request.status}; the statement was not run",
+        why = f" ({request.note})" if request.status is Status.EXPIRED and request.note else ""
+        return deny(f"pgvouch: request {request.id} is {request.status}{why}; the statement was not run",
                     code=sqlstate.APPROVAL_CLOSED)
 
     async def _cancel_request(self, request_id: str) -> Decision:
@@ -232,16 +268,29 @@ class StatementHold:
                     "cancelled", code=sqlstate.QUERY_CANCELED)
 
 
+async def _allowed() -> Decision:
+    return ALLOW
+
+
 class ApprovalReviewer:
     """The proxy's Reviewer: every review decision becomes a hold."""
 
-    def __init__(self, service: ApprovalService, settings: Settings) -> None:
+    def __init__(self, service: ApprovalService, settings: Settings,
+                 auditor: StatementAuditor | None = None, on_grant_use: GrantUsed | None = None) -> None:
         self.service = service
         self.settings = settings
+        # statements under a grant are audited durably (written alone when no writer loop runs)
+        self.auditor = auditor or StatementAuditor(service.store)
+        self.on_grant_use = on_grant_use
+        self.modes = ApprovalModes(service)
 
     def review(self, session: SessionInfo, unit: Unit, classification: Classification,
                decision: PolicyDecision) -> Decision:
         database = self.settings.resources[session.resource].database
         subject = _subject(session, unit, classification, database)
-        hold = StatementHold(self.service, self.settings.hold, session, subject, decision)
+        check = GrantCheck(self.service, self.auditor, session, unit, classification, decision,
+                           self.on_grant_use)
+        approvals_off = BreakGlassCheck(self.modes, self.auditor, session, unit, classification, decision)
+        hold = StatementHold(self.service, self.settings.hold, session, subject, decision, check,
+                             break_glass=approvals_off)
         return Decision("hold", policy=decision.policy, hold=hold)

@@ -17,8 +17,11 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
+from approvals.approval_mode_cli import add_approval_mode_command
 from approvals.cli import add_approval_commands
+from approvals.grants_cli import add_grant_commands
 from approvals.service import ApprovalService
 from config.settings import Settings, load_settings
 from config.yamlnodes import ConfigError
@@ -26,6 +29,9 @@ from policies.cli import add_policy_commands
 from proxy import scram
 from proxy.decide import Decider
 from proxy.logs import setup_logging
+
+if TYPE_CHECKING:
+    from approvals.pg_notify import ChangeListener
 
 log = logging.getLogger("pgvouch")
 
@@ -44,10 +50,15 @@ async def run_proxy(
     on_ready: Callable[[], Awaitable[None] | None] | None = None,
 ) -> None:
     """Run the proxy and its API until SIGTERM/SIGINT, then drain."""
+    from approvals import notify
+    from approvals.grants import GrantDesk
     from approvals.webhooks import DeliveryWorker
     from proxy.api import start_api
     from proxy.approval_hold import ApprovalReviewer
+    from proxy.grant_command import GrantCommands
+    from proxy.grant_sessions import GrantSessions
     from proxy.policy_decider import PolicyDecider, load_live_policies
+    from proxy.preview import PreviewRunner
     from proxy.server import ProxyServer
     from proxy.statement_audit import StatementAuditor
 
@@ -55,6 +66,7 @@ async def run_proxy(
     tasks: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
     service = None
+    previews: PreviewRunner | None = None
     if decider is None:
         if settings.policies:
             reload_hooks: list[Callable[[str], None]] = [
@@ -72,6 +84,9 @@ async def run_proxy(
             )
             service = await open_approvals(settings)
             service.listeners.append(proxy.metrics.observe_request)
+            if settings.preview.enabled:
+                previews = PreviewRunner(service, settings)
+                previews.install()
             with contextlib.suppress(Exception):
                 pending = await service.store.list(status="pending", resource_glob=None,
                                                    limit=100_000)
@@ -87,12 +102,21 @@ async def run_proxy(
                 })
 
             reload_hooks.append(audit_reload)
-            proxy.decider = PolicyDecider(live, ApprovalReviewer(service, settings), auditor)
+            grants = GrantDesk(service, settings, lambda: live.current)
+            grant_sessions = GrantSessions(proxy, service)
+            grant_sessions.install()
+            proxy.grants = grants
+            reviewer = ApprovalReviewer(service, settings, auditor, on_grant_use=grant_sessions.watch)
+            proxy.decider = PolicyDecider(live, reviewer, auditor, GrantCommands(grants))
+            tasks.append(loop.create_task(grant_sessions.run()))
             tasks.append(loop.create_task(live.watch()))
-            tasks.append(loop.create_task(service.run_sweeper()))
+            tasks.append(loop.create_task(service.run_sweeper(settings.hold.sweep_interval)))
+            changes = replica_changes(service)
+            if changes is not None:
+                tasks.append(loop.create_task(changes.run()))
             tasks.append(loop.create_task(auditor.run()))
-            if settings.webhooks:
-                worker = DeliveryWorker(service.store, settings,
+            if notify.any_channel(settings):
+                worker = DeliveryWorker(service.store, settings, senders=notify.senders(settings),
                                         counter=proxy.metrics.webhook_deliveries)
                 tasks.append(loop.create_task(worker.run(interval=1.0)))
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -123,13 +147,32 @@ async def run_proxy(
         await asyncio.gather(*tasks, return_exceptions=True)
         if runner is not None:
             await runner.cleanup()
+        if previews is not None:
+            await previews.close()
         if service is not None:
             await service.store.close()
     log.info("stopped")
 
 
+def replica_changes(service: ApprovalService) -> ChangeListener | None:
+    """On a PostgreSQL store: the listener that wakes this replica's holds on others' changes.
+
+    Register further notification kinds here (``changes.on(kind, handler)``).
+    """
+    from approvals.pg_notify import REQUEST, ChangeListener
+    from approvals.pg_store import PgStore
+
+    store = service.store
+    if not isinstance(store, PgStore):
+        return None  # SQLite: one process; its own changes wake its holds directly
+    changes = ChangeListener(store.dsn, store.channel, on_listening=service.wake_all)
+    changes.on(REQUEST, service.wake)
+    return changes
+
+
 async def open_approvals(settings: Settings) -> ApprovalService:
     """The approvals store and service; a store that is down now heals when it returns."""
+    from approvals import notify
     from approvals.store import StoreError, open_store
 
     store = await open_store(settings.store, connect=False)
@@ -140,7 +183,8 @@ async def open_approvals(settings: Settings) -> ApprovalService:
                   "refused until it is back", settings.store.split("@")[-1], exc)
     directory = {name: user.groups for name, user in settings.users.items()}
     return ApprovalService(store, directory,
-                           webhooks=[(hook.url, hook.events) for hook in settings.webhooks])
+                           webhooks=[(hook.url, hook.events) for hook in settings.webhooks],
+                           notifiers=notify.notifiers(settings))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -223,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     hash_.set_defaults(func=cmd_user_hash)
     add_policy_commands(sub)
     add_approval_commands(sub, user_actions=user_sub)
+    add_approval_mode_command(sub)
+    add_grant_commands(sub)
     return parser
 
 

@@ -814,7 +814,8 @@ class ClientSession(asyncio.Protocol):
         up = self.upstream
         assert up is not None
         if decision.action == "allow":
-            up.write(self.held_unit)
+            replacement = None if self.held_batch else decision.replacement
+            up.write(self.held_unit if replacement is None else replacement)
             self.pending_watch = _Watch(hold)
             if self.held_batch:
                 self.open_extended = True

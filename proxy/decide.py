@@ -158,6 +158,10 @@ class Decision:
     hint: str | None = None
     policy: str | None = None
     hold: Hold | None = None
+    # allow only, from a hold of a simple Query: forward this Query message instead of the
+    # held one (the proxy answers a command of its own, e.g. pgvouch.request_access, through
+    # the server, so the client gets native rows and an exact transaction status)
+    replacement: bytes | None = None
 
 
 ALLOW = Decision("allow")

@@ -7,6 +7,8 @@ does: allow, deny (SQLSTATE 42501 naming the policy), or review (held for
 approval when an approvals service is configured, else refused with PV001).
 It also owns the live policy set: loading it, reloading it on SIGHUP or when
 a file changes, and keeping the old set when a new one does not load.
+SQL the proxy answers itself (``pgvouch.request_access``, see
+``proxy.grant_command``) is handed to ``commands`` before anything else.
 
 Must not: classify or evaluate itself (``policies`` does), or touch sockets.
 """
@@ -96,6 +98,12 @@ class Reviewer(Protocol):
                decision: PolicyDecision) -> Decision: ...
 
 
+class Commands(Protocol):
+    """SQL the proxy answers itself (``proxy.grant_command``): a decision, or None for ordinary SQL."""
+
+    def intercept(self, session: SessionInfo, unit: Unit) -> Decision | None: ...
+
+
 def describe_steps(decision: PolicyDecision) -> str:
     return "; ".join(
         f"{step.name}: {step.required} of {', '.join(step.approvers)}" for step in decision.steps
@@ -104,10 +112,11 @@ def describe_steps(decision: PolicyDecision) -> str:
 
 class PolicyDecider:
     def __init__(self, policies: LivePolicies, reviewer: Reviewer | None = None,
-                 auditor: StatementAuditor | None = None) -> None:
+                 auditor: StatementAuditor | None = None, commands: Commands | None = None) -> None:
         self.policies = policies
         self.reviewer = reviewer
         self.auditor = auditor
+        self.commands = commands  # pgvouch's own commands (pgvouch.request_access): looked at first
         self._decisions: dict[tuple[object, ...], tuple[PolicySet, PolicyDecision]] = {}
         self._allowed: dict[int, tuple[Classification, PolicySet, tuple[object, ...]]] = {}
 
@@ -156,6 +165,13 @@ class PolicyDecider:
         if memo is not None and memo[0] is classification and memo[1] is policy_set \
                 and memo[2] == identity:
             return ALLOW
+        # pgvouch's own commands come next: a shape in the memo above was looked
+        # at here when first seen (identifiers are part of the shape), and the
+        # memo only ever holds shapes this hook let through.
+        if self.commands is not None:
+            command = self.commands.intercept(session, unit)
+            if command is not None:
+                return command
         decision = self._evaluate(session, classification)
         if decision.action is Action.ALLOW:
             unaudited = all(s.kind in _UNAUDITED for s in classification.statements)

@@ -17,6 +17,7 @@ import logging
 import secrets
 import ssl
 import time
+from typing import TYPE_CHECKING
 
 from approvals.service import ApprovalService
 from config.settings import Settings
@@ -25,6 +26,9 @@ from proxy.client import ClientSession
 from proxy.decide import AllowAll, Decider
 from proxy.metrics import ProxyMetrics
 from proxy.upstream import send_cancel
+
+if TYPE_CHECKING:
+    from approvals.grants import GrantDesk
 
 log = logging.getLogger("pgvouch.server")
 
@@ -48,6 +52,7 @@ class ProxyServer:
         self.by_key: dict[int, ClientSession] = {}
         self.listener: asyncio.Server | None = None
         self.approvals: ApprovalService | None = None
+        self.grants: GrantDesk | None = None  # JIT grant requests (API, psql), with policies
         self.draining = False
         self.started_at = time.time()
         self._total = 0

@@ -26,6 +26,8 @@ APPROVAL_TIMEOUT: Final = "PV002"  # no decision within hold.wait_timeout; the r
 APPROVAL_DENIED: Final = "PV003"  # a reviewer denied the request (the message carries the note)
 APPROVAL_CLOSED: Final = "PV004"  # the request expired, was cancelled, or its approval lapsed
 STORE_UNAVAILABLE: Final = "PV005"  # the approvals store cannot be used; nothing needing review runs
+GRANT_ENDED: Final = "PV006"  # FATAL: a terminate_sessions grant ended (revoked or expired)
+GRANT_REFUSED: Final = "PV007"  # pgvouch.request_access: the grant cannot be requested
 HELD_INPUT_LIMIT: Final = "54000"  # too much pipelined behind a held statement
 QUERY_CANCELED: Final = "57014"  # the client cancelled a held statement (Ctrl-C)
 INTERNAL_ERROR: Final = "XX000"  # the proxy failed; the statement was NOT forwarded
@@ -65,6 +67,10 @@ DOCUMENTED: Final = {
     APPROVAL_CLOSED: "The request expired or was cancelled, or its approval lapsed.",
     STORE_UNAVAILABLE: "The approvals store is unavailable: statements that need review are "
     "not run (allowed statements keep flowing).",
+    GRANT_ENDED: "FATAL: a JIT grant with terminate_sessions ended (revoked or expired), so "
+    "the proxy closed the grant holder's sessions on that resource.",
+    GRANT_REFUSED: "pgvouch.request_access: the grant cannot be requested (a policy denies a "
+    "kind, nothing needs approval, the rule has no jit, or the duration exceeds its cap).",
     HELD_INPUT_LIMIT: "The client pipelined more than 1 MiB behind a held statement; "
     "the connection is closed.",
     QUERY_CANCELED: "The client cancelled a statement while it waited for approval.",

@@ -361,7 +361,7 @@ async def test_a_delivery_claimed_by_a_dead_worker_is_sent_after_its_lease(
         assert not await env.store.finish_delivery(claimed.id, False, "late", None, attempt=claimed.attempts)
 
 
-async def test_unreachable_receivers_and_unknown_targets_are_retried(
+async def test_unreachable_receivers_and_unknown_targets_are_retried_unknown_channels_dead(
     tmp_path: Path, secrets_env: None
 ) -> None:
     clock = Clock()
@@ -374,7 +374,9 @@ async def test_unreachable_receivers_and_unknown_targets_are_retried(
         assert await worker.run_once() == 3
         await worker.close()
         errors = {d.target: d.last_error or "" for d in await env.store.list_deliveries()}
-        assert all(d.status is DeliveryStatus.PENDING for d in await env.store.list_deliveries())
+        status = {d.target: d.status for d in await env.store.list_deliveries()}
+        assert status == {dead_url: DeliveryStatus.PENDING, "http://127.0.0.1:9/gone": DeliveryStatus.PENDING,
+                          "bob@example.com": DeliveryStatus.DEAD}  # no sender: retrying cannot help
         assert "Connect" in errors[dead_url]
         assert "no webhook with this url is configured" in errors["http://127.0.0.1:9/gone"]
         assert "no sender for channel 'email'" in errors["bob@example.com"]
@@ -439,7 +441,7 @@ async def test_the_worker_loop_delivers_until_cancelled(tmp_path: Path, secrets_
         with pytest.raises(asyncio.CancelledError):
             await task
         assert receiver.events == ["request.created"] * 2
-        assert worker._session is None  # closed on the way out
+        assert worker.webhooks._session is None  # closed on the way out
 
 
 async def test_the_worker_loop_survives_a_store_outage(tmp_path: Path, secrets_env: None) -> None:

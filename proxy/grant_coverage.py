@@ -1,0 +1,95 @@
+"""Statements that run under an approved just-in-time grant.
+
+Owns: whether a running grant covers a unit that a policy put up for review
+(:func:`covers`), and letting such a unit run without per-statement review,
+recorded durably first with the grant's id (:class:`GrantCheck`). The
+statement hold (``proxy.approval_hold``) asks this before it looks for a
+statement's own approval.
+
+Must not: decide policies (a deny never reaches here: the policy decider
+refuses it before any hold exists), apply workflow transitions, or speak the
+protocol.
+
+A grant covers a unit when every statement's kind is one of the grant's
+kinds and, if the grant names tables, every statement names tables and each
+of them certainly matches one of the grant's globs (the strict reading of
+``policies.globs``: an unqualified name never matches a dotted glob, "may
+touch any table" matches nothing). The policy must still allow a grant
+here: ``Decision.jit_max_duration`` is None when a deciding review rule has
+no ``jit``, and then no grant is even looked up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+from approvals.model import Request
+from approvals.service import ApprovalService
+from approvals.store import StoreError
+from policies.classify import Classification
+from policies.evaluate import Decision as PolicyDecision
+from policies.globs import tables_match
+from proxy import sqlstate
+from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
+from proxy.statement_audit import StatementAuditor, statement_event
+
+log = logging.getLogger("pgvouch.grants")
+
+GrantUsed = Callable[[Request], None]
+
+
+def covers(grant: Request, classification: Classification) -> bool:
+    kinds = set(grant.subject.get("kinds") or ())
+    globs: Sequence[str] = tuple(grant.subject.get("tables") or ())
+    for statement in classification.statements:
+        if str(statement.kind) not in kinds:
+            return False
+        if globs and not tables_match(statement.tables, globs, certain=True):
+            return False
+    return bool(classification.statements)
+
+
+class GrantCheck:
+    """For one held unit: run it under a grant that covers it, if there is one."""
+
+    def __init__(self, service: ApprovalService, auditor: StatementAuditor, session: SessionInfo,
+                 unit: Unit, classification: Classification, decision: PolicyDecision,
+                 on_use: GrantUsed | None = None) -> None:
+        self.service = service
+        self.auditor = auditor
+        self.session = session
+        self.unit = unit
+        self.classification = classification
+        self.decision = decision
+        self.on_use = on_use
+
+    async def run(self) -> Decision | None:
+        """ALLOW once audited under a covering grant; a refusal if that cannot be done; None: no grant."""
+        if self.decision.jit_max_duration is None:
+            return None  # a deciding rule has no jit: only per-statement review will do
+        s = self.session
+        try:
+            grants = await self.service.store.active_grants(s.user, s.resource, s.account,
+                                                            self.service.clock())
+        except StoreError as exc:
+            log.error("approvals store unavailable while looking for grants: %s", exc)
+            return deny("pgvouch: the approvals store is unavailable, so this statement, which "
+                        "needs approval, was not run", code=sqlstate.STORE_UNAVAILABLE)
+        grant = next((g for g in grants if covers(g, self.classification)), None)
+        if grant is None:
+            return None
+        event = statement_event("statement.allowed", s, self.unit, self.classification,
+                                self.decision.policy, f"covered by grant {grant.id}")
+        event["grant"] = grant.id
+        event["request_id"] = grant.id
+        try:
+            await self.auditor.durable(event)
+        except StoreError as exc:
+            log.error("audit store unavailable, statement under grant %s refused: %s", grant.id, exc)
+            return deny("pgvouch: the audit log cannot be written, so this statement was not run",
+                        code=sqlstate.STORE_UNAVAILABLE)
+        if self.on_use is not None:
+            self.on_use(grant)
+        log.info("%s: statement runs under grant %s", s.session_id, grant.id)
+        return ALLOW

@@ -1,0 +1,47 @@
+"""Settings for several replicas: ``store_env`` and the holds' poll / sweep intervals."""
+
+from __future__ import annotations
+
+import pytest
+
+from config.settings import HoldSettings, Settings, settings_from_node
+from config.yamlnodes import ConfigError, load_text
+
+BASE = """\
+resources:
+  - name: db
+    host: 127.0.0.1
+    database: app
+    accounts: [{name: app, user: app}]
+"""
+
+
+def load(extra: str) -> Settings:
+    return settings_from_node(load_text(BASE + extra, "pgvouch.yaml"))
+
+
+def test_store_env_reads_the_url_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGV_STORE_URL", "postgresql://u:secret@db:5432/pgvouch?schema=team")
+    assert load("store_env: PGV_STORE_URL\n").store == "postgresql://u:secret@db:5432/pgvouch?schema=team"
+
+
+def test_store_env_problems_name_the_line_and_never_the_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGV_STORE_URL", raising=False)
+    with pytest.raises(ConfigError, match=r"pgvouch.yaml:6: .*PGV_STORE_URL is not set"):
+        load("store_env: PGV_STORE_URL\n")
+    monkeypatch.setenv("PGV_STORE_URL", "mysql://u:hunter2@db/x")
+    with pytest.raises(ConfigError, match="store must be") as refused:
+        load("store_env: PGV_STORE_URL\n")
+    assert "hunter2" not in str(refused.value)
+    with pytest.raises(ConfigError, match="not both"):
+        load("store: sqlite:///x.db\nstore_env: PGV_STORE_URL\n")
+
+
+def test_poll_and_sweep_intervals() -> None:
+    assert load("").hold.poll_interval == HoldSettings().poll_interval == 2.0
+    assert load("").hold.sweep_interval == 5.0
+    hold = load("hold: {poll_interval: 500ms, sweep_interval: 1m}\n").hold
+    assert (hold.poll_interval, hold.sweep_interval) == (0.5, 60.0)
+    for bad in ("0s", "2h"):
+        with pytest.raises(ConfigError, match="poll_interval must be"):
+            load(f"hold: {{poll_interval: {bad}}}\n")
