@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install demo test lint typecheck pytest bench clean speedups
 
 $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	bash scripts/ensure-system-deps.sh
@@ -15,7 +15,16 @@ $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The relay's hot modules compiled with mypyc (optional: pgvouch falls back to
+# pure Python when they are missing or older than their sources).
+SPEEDUPS := proxy/_speedups/manifest.json
+
+$(SPEEDUPS): $(STAMP) $(wildcard proxy/*.py) scripts/build_speedups.py
+	$(BIN)/python scripts/build_speedups.py
+
+speedups: $(SPEEDUPS)
+
+install: $(STAMP) $(SPEEDUPS)
 
 demo: install
 	$(BIN)/pgvouch demo
@@ -27,6 +36,7 @@ typecheck: install
 	$(BIN)/mypy proxy policies approvals config
 
 pytest: install
+	$(BIN)/python -c 'import proxy; print("relay modules compiled:", proxy.SPEEDUPS)'
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -35,4 +45,4 @@ bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache proxy/_speedups

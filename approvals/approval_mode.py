@@ -78,6 +78,8 @@ def check_reason(reason: str | None, *, required: bool) -> str | None:
     reason = (reason or "").strip() or None
     if reason is None and required:
         raise ApprovalModeError("bad_request", "a reason is required to switch approvals off")
+    if reason is not None and any(not c.isprintable() and c not in "\r\n\t" for c in reason):
+        raise ApprovalModeError("bad_request", "the reason must not contain control characters")
     if reason is not None and len(reason) > MAX_REASON:
         raise ApprovalModeError("bad_request", f"the reason may be at most {MAX_REASON} characters")
     return reason

@@ -6,7 +6,7 @@ Owns: the recipients of each request event (:class:`EmailNotifier`):
   requester: the step's snapshot excludes them);
 - ``request.step_completed`` with a next step: the people who may approve it;
 - ``request.approved`` / ``denied`` (with the note) / ``expired`` /
-  ``revoked``: the requester;
+  ``revoked`` / ``ended`` (a grant's window closed): the requester;
 - an announcement (break-glass): every user with role ``owner`` plus the
   users and ``group:NAME`` members in ``notify.email.announce_to``;
 
@@ -51,6 +51,7 @@ _TO_REQUESTER = {
     EventType.DENIED: "denied",
     EventType.EXPIRED: "expired without a decision",
     EventType.REVOKED: "revoked",
+    EventType.ENDED: "ended",
 }
 
 
@@ -121,8 +122,12 @@ class EmailNotifier:
         if event.type in _TO_REQUESTER:
             outcome = _TO_REQUESTER[event.type]
             subject = f"[pgvouch] {request.id} {outcome}: your {what} on {where}"
-            intro = [f"Your request {request.id} was {outcome}"
-                     + ("" if event.type is EventType.EXPIRED else f" by {event.actor}") + "."]
+            if event.type is EventType.ENDED:
+                intro = [f"Your grant {request.id} ended at {_when(request.approved_until or event.at)}: "
+                         "its time window closed. Request a new grant if you still need access."]
+            else:
+                intro = [f"Your request {request.id} was {outcome}"
+                         + ("" if event.type is EventType.EXPIRED else f" by {event.actor}") + "."]
             if event.type is EventType.DENIED or (event.type is EventType.REVOKED and request.note):
                 intro.append(f"Note: {request.note or '(none)'}")
             if event.type is EventType.APPROVED and request.approved_until is not None:

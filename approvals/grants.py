@@ -118,7 +118,8 @@ def parse_tables(value: str | Sequence[str] | None) -> tuple[str, ...]:
             if isinstance(value, str):
                 continue
             raise GrantError(INVALID_GRANT, "a table glob must not be empty")
-        if glob == ANY_TABLE or glob.count("[") != glob.count("]") or any(c.isspace() for c in glob):
+        if glob == ANY_TABLE or glob.count("[") != glob.count("]") or not glob.isprintable() \
+                or any(c.isspace() for c in glob):
             raise GrantError(INVALID_GRANT, f"{item.strip()!r} is not a table glob such as public.orders*")
         if glob not in tables:
             tables.append(glob)
@@ -140,6 +141,8 @@ def parse_grant_duration(text: str) -> float:
 
 def parse_reason(text: str) -> str:
     reason = " ".join(text.split())
+    if not reason.isprintable():  # NUL, escape sequences: also, jsonb cannot keep a NUL
+        raise GrantError(INVALID_GRANT, "the reason must not contain control characters")
     if not reason:
         raise GrantError(INVALID_GRANT, "say why you need the grant (reason), e.g. an incident number")
     if len(reason) > MAX_REASON:

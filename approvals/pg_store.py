@@ -384,6 +384,13 @@ class PgStore:
             "WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2", (now, limit)
         )
 
+    async def grants_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
+        return await self._requests(
+            "WHERE subject_kind = $1 AND status = 'approved' AND approved_until <= $2 "
+            "ORDER BY approved_until, id LIMIT $3",
+            (str(SubjectKind.GRANT), now, limit),
+        )
+
     async def _requests(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
         async with self._connection() as conn:
             rows = await conn.fetch(f"SELECT doc, version FROM {self._t('requests')} {tail}", *args)

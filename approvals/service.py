@@ -4,7 +4,8 @@ Owns: every state change of a request as one step (load, apply a pure
 workflow transition, write it with its audit events and notification
 deliveries atomically via compare-and-swap, wake whoever waits on it);
 announcements that belong to no request (:meth:`ApprovalService.announce`);
-waiting for a request to be decided; the expiry sweep; the ``before_approve``
+waiting for a request to be decided; the sweep (pending requests past
+their expiry, grants past their window); the ``before_approve``
 hook (the impact preview's refresh) before an approval on a missing or
 stale preview is applied. The proxy (holds), the REST API,
 webhooks and the admin console all go through this one class, so a rule
@@ -214,6 +215,17 @@ class ApprovalService:
                 continue  # decided or expired by someone else meanwhile
         return count
 
+    async def end_due_grants(self) -> int:
+        """End every approved grant whose window has passed (exactly once, across replicas)."""
+        count = 0
+        for grant in await self.store.grants_due(self.clock()):
+            try:
+                await self.apply(grant.id, workflow.end_grant, attempts=1)
+                count += 1
+            except (WorkflowError, Conflict, NotFound):
+                continue  # revoked or ended by someone else meanwhile
+        return count
+
     # -- waiting ---------------------------------------------------------------------
     async def wait_change(self, request_id: str, within: float) -> None:
         """Return when the request changes here, or after ``within`` seconds (poll fallback)."""
@@ -248,6 +260,9 @@ class ApprovalService:
                 expired = await self.expire_due()
                 if expired:
                     log.info("expired %d request(s)", expired)
+                ended = await self.end_due_grants()
+                if ended:
+                    log.info("ended %d grant(s) whose window passed", ended)
             except Exception:
                 log.exception("expiry sweep failed; will retry")
             await asyncio.sleep(interval)

@@ -49,6 +49,7 @@ HEADLINES: dict[EventType, str] = {
     EventType.EXPIRED: "expired without a decision",
     EventType.CANCELLED: "was cancelled by the requester",
     EventType.REVOKED: "was revoked",
+    EventType.ENDED: "ended: its time window closed",
     EventType.FAILED: "was approved but failed to run",
 }
 

@@ -151,6 +151,8 @@ def progress_text(request: Request, now: float) -> str:
     elif request.status is Status.APPROVED and request.approved_until is not None:
         usable = "Open" if request.subject_kind is SubjectKind.GRANT else "Usable"
         lines.append(f"{usable} until {_when(request.approved_until)}")
+    elif request.status is Status.EXPIRED and request.approved_until is not None:
+        lines.append(f"Ended {_when(request.approved_until)}")  # a grant whose window passed
     return "\n".join(lines)
 
 

@@ -371,6 +371,13 @@ class SqliteStore:
             "WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?", (now, limit)
         )
 
+    async def grants_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
+        return await self._requests(
+            "WHERE subject_kind = ? AND status = 'approved' AND approved_until <= ? "
+            "ORDER BY approved_until, id LIMIT ?",
+            (str(SubjectKind.GRANT), now, limit),
+        )
+
     async def _requests(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
         def work(conn: sqlite3.Connection) -> builtins.list[Request]:
             rows = conn.execute(f"SELECT doc, version FROM requests {tail}", tuple(args)).fetchall()

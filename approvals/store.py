@@ -167,6 +167,9 @@ class Store(Protocol):
     async def pending_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
         """Pending requests whose expiry time has come, oldest first."""
 
+    async def grants_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
+        """Approved grants whose window has passed (``approved_until <= now``), earliest first."""
+
     async def update(
         self, request: Request, expected_version: int, *, effects: Effects | None = None
     ) -> Request:

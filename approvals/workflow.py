@@ -23,7 +23,14 @@ The lifecycle::
     approved --consume (statement, before approved_until)--> executing
     executing --mark_executed--> executed      executing --mark_failed--> failed
     approved --revoke (grant; requester or an eligible approver)--> revoked
+    approved --end (grant; its approved_until passed)--> expired
     pending --preview (statement; attach an impact preview)--> pending
+
+A grant's window closes on its own at ``approved_until`` (coverage asks
+``is_usable`` and the store's ``active_grants``); ``end_grant`` is the
+sweeper's record of it, so the audit log and the channels hear that it
+ended and the grant leaves ``approved``. An ended grant is ``expired`` with
+its ``approved_until`` set; a request that expired undecided has none.
 
 ``executing`` is the claim that makes "runs exactly once" hold across
 sessions and replicas: the proxy forwards a statement only after the store
@@ -112,6 +119,7 @@ class EventType(StrEnum):
     EXECUTED = "request.executed"
     FAILED = "request.failed"
     REVOKED = "request.revoked"
+    ENDED = "request.ended"  # a grant's window passed (the sweeper)
     PREVIEWED = "request.previewed"
 
 
@@ -139,6 +147,7 @@ class Action(StrEnum):
     SUCCEED = "succeed"
     FAIL = "fail"
     REVOKE = "revoke"
+    END = "end"  # a grant's window passed
     PREVIEW = "preview"  # attach an impact preview; the status stays
 
 
@@ -156,6 +165,7 @@ TRANSITIONS: Mapping[Status, Mapping[Action, Status]] = MappingProxyType(
         Status.APPROVED: {
             Action.CONSUME: Status.EXECUTING,  # statements only
             Action.REVOKE: Status.REVOKED,  # grants only
+            Action.END: Status.EXPIRED,  # grants only, once approved_until passed
         },
         Status.EXECUTING: {
             Action.SUCCEED: Status.EXECUTED,
@@ -180,6 +190,7 @@ _WRONG_STATUS: Mapping[Action, Code] = MappingProxyType(
         Action.EXPIRE: Code.NOT_PENDING,
         Action.CONSUME: Code.NOT_APPROVED,
         Action.REVOKE: Code.NOT_APPROVED,
+        Action.END: Code.NOT_APPROVED,
         Action.SUCCEED: Code.NOT_EXECUTING,
         Action.FAIL: Code.NOT_EXECUTING,
         Action.PREVIEW: Code.NOT_PENDING,
@@ -641,6 +652,22 @@ def revoke(request: Request, user: str, now: float, note: str | None = None) -> 
         )
     revoked = _move(request, Action.REVOKE, note=note)
     return Outcome(revoked, [Event(EventType.REVOKED, request.id, user, now, {"note": note})])
+
+
+def end_grant(request: Request, now: float) -> Outcome:
+    """An approved grant whose window has passed ends (the sweeper records it; actor system)."""
+    if request.subject_kind is not SubjectKind.GRANT:
+        raise WorkflowError(Code.WRONG_SUBJECT, f"{request.id} is a statement; only grants end")
+    _require(request, Action.END)
+    assert request.approved_until is not None  # set by the approving vote
+    if now < request.approved_until:
+        raise WorkflowError(
+            Code.NOT_DUE,
+            f"grant {request.id} is open for {format_duration(request.approved_until - now)} more",
+        )
+    ended = _move(request, Action.END)
+    data: JSONObject = {"approved_until": request.approved_until}
+    return Outcome(ended, [Event(EventType.ENDED, request.id, SYSTEM, now, data)])
 
 
 def attach_preview(request: Request, preview: JSONObject, now: float, *,

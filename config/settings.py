@@ -360,7 +360,7 @@ TOP_KEYS = (
 EVENT_TYPES = (
     "request.created", "request.voted", "request.step_completed", "request.approved",
     "request.denied", "request.cancelled", "request.expired", "request.executing",
-    "request.executed", "request.failed", "request.revoked", "request.previewed",
+    "request.executed", "request.failed", "request.revoked", "request.ended", "request.previewed",
 )
 
 

@@ -128,11 +128,16 @@ class _Entry:
 
 _TEXTS: LRU[str, _Entry] = LRU(TEXT_CACHE_SIZE)
 _SHAPES: LRU[str, _Entry] = LRU(SHAPE_CACHE_SIZE)
+# texts=False only: a text whose shape was already read maps to that shape's
+# entry (whose statement texts are another text's), so a repeated text skips
+# normalising; never consulted when the caller needs the texts.
+_BLIND: LRU[str, _Entry] = LRU(TEXT_CACHE_SIZE)
 
 
 def clear_caches() -> None:
     _TEXTS.clear()
     _SHAPES.clear()
+    _BLIND.clear()
 
 
 def cache_stats() -> dict[str, int]:
@@ -198,6 +203,8 @@ def _lookup(sql: str, texts: bool = True) -> _Entry:
     cacheable = len(sql) <= MAX_CACHED_TEXT
     if cacheable:
         hit = _TEXTS.get(sql)
+        if hit is None and not texts:
+            hit = _BLIND.get(sql)
         if hit is not None:
             return hit
     try:
@@ -209,6 +216,7 @@ def _lookup(sql: str, texts: bool = True) -> _Entry:
     else:
         shaped = _SHAPES.get(key) if cacheable else None
         if shaped is not None and not texts:
+            _BLIND.put(sql, shaped)
             return shaped
         retexted = _retexted(shaped, sql) if shaped is not None else None
         if retexted is not None:

@@ -279,16 +279,16 @@ class ClientSession(asyncio.Protocol):
                     return
                 try:
                     target = resolve(self.settings, startup.params)
-                except StartupRefused as exc:
-                    raise Fatal(exc.code, str(exc), exc.hint) from None
+                except StartupRefused as refused:
+                    raise Fatal(refused.code, str(refused), refused.hint) from None
                 self.target = target
                 try:
                     upstream = await connect(
                         target.resource, target.account, target.upstream_params
                     )
-                except UpstreamError as exc:
+                except UpstreamError as unreachable:
                     self.server.metrics_upstream_failure()
-                    raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(exc)) from None
+                    raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(unreachable)) from None
             self.server.metrics_upstream_connected(upstream.connect_seconds)
             self._start_relay(target, upstream.protocol, upstream.parameters,
                               upstream.backend_pid, upstream.backend_secret)
@@ -296,8 +296,8 @@ class ClientSession(asyncio.Protocol):
             self._fatal(exc.code, str(exc), exc.hint)
         except TimeoutError:
             self._fatal(sqlstate.PROTOCOL_VIOLATION, "authentication timed out")
-        except wire.ProtocolError as exc:
-            self._fatal(sqlstate.PROTOCOL_VIOLATION, f"invalid startup: {exc}")
+        except wire.ProtocolError as invalid:
+            self._fatal(sqlstate.PROTOCOL_VIOLATION, f"invalid startup: {invalid}")
         except (ConnectionError, asyncio.CancelledError):
             self._close()
 

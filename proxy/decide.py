@@ -53,12 +53,7 @@ class Statement:
     def bound(cls, sql: str, bind_tail: bytes, param_types: tuple[int, ...]) -> Statement:
         """An Execute of ``sql``, its parameters still in ``bind_tail`` (a validated
         Bind's bytes after its two names; see :func:`proxy.wire.bind_values`)."""
-        statement = object.__new__(cls)
-        statement.sql = sql
-        statement.via = "execute"
-        statement._params = ()
-        statement._param_formats = ()
-        statement.param_types = param_types
+        statement = cls(sql, "execute", (), (), param_types)
         statement._bind = bind_tail
         return statement
 

@@ -17,6 +17,14 @@ of them certainly matches one of the grant's globs (the strict reading of
 touch any table" matches nothing). The policy must still allow a grant
 here: ``Decision.jit_max_duration`` is None when a deciding review rule has
 no ``jit``, and then no grant is even looked up.
+
+A grant stands in only for the review it went through (:func:`approved_for`):
+every step the unit's own decision asks for (policy, rule, step, approvers,
+quorum) must be one of the grant's steps, and the grant covers the unit
+only until its approval plus the unit's JIT cap. A grant is decided for its globs (or "any table") when
+it is requested, so a table a stricter rule names (``public.accounts``
+under a grant for ``public.*``, or any table when a laxer rule came first)
+would otherwise run on the laxer rule's approval.
 """
 
 from __future__ import annotations
@@ -50,6 +58,21 @@ def covers(grant: Request, classification: Classification) -> bool:
     return bool(classification.statements)
 
 
+def approved_for(grant: Request, decision: PolicyDecision, now: float) -> bool:
+    """Whether ``grant`` went through every step ``decision`` asks for, within its JIT cap.
+
+    The cap counts from the approval: a grant longer than the unit's cap (a
+    stricter rule, or a policy tightened since) covers it only that long.
+    """
+    cap = decision.jit_max_duration
+    if cap is None or grant.decided_at is None or now >= grant.decided_at + cap:
+        return False
+    approved = {(step.policy, step.rule, step.name, tuple(step.approvers), step.required)
+                for step in grant.steps}
+    return all((step.policy, step.rule, step.name, tuple(step.approvers), step.required) in approved
+               for step in decision.steps)
+
+
 class GrantCheck:
     """For one held unit: run it under a grant that covers it, if there is one."""
 
@@ -68,15 +91,15 @@ class GrantCheck:
         """ALLOW once audited under a covering grant; a refusal if that cannot be done; None: no grant."""
         if self.decision.jit_max_duration is None:
             return None  # a deciding rule has no jit: only per-statement review will do
-        s = self.session
+        s, now = self.session, self.service.clock()
         try:
-            grants = await self.service.store.active_grants(s.user, s.resource, s.account,
-                                                            self.service.clock())
+            grants = await self.service.store.active_grants(s.user, s.resource, s.account, now)
         except StoreError as exc:
             log.error("approvals store unavailable while looking for grants: %s", exc)
             return deny("pgvouch: the approvals store is unavailable, so this statement, which "
                         "needs approval, was not run", code=sqlstate.STORE_UNAVAILABLE)
-        grant = next((g for g in grants if covers(g, self.classification)), None)
+        grant = next((g for g in grants if covers(g, self.classification)
+                      and approved_for(g, self.decision, now)), None)
         if grant is None:
             return None
         event = statement_event("statement.allowed", s, self.unit, self.classification,

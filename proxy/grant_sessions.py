@@ -52,7 +52,11 @@ class GrantSessions:
 
     # -- what arrives ------------------------------------------------------------
     def on_change(self, request: Request, events: Sequence[Event]) -> None:
-        """Service listener: start watching approved grants, end revoked ones now."""
+        """Service listener: start watching approved grants, end revoked ones now.
+
+        A grant the sweeper ended (``request.ended``) is ended here too unless
+        the window's timer already did (then it is no longer watched).
+        """
         if not wants_termination(request):
             return
         if request.status is Status.APPROVED:
@@ -61,6 +65,9 @@ class GrantSessions:
             self.watched.pop(request.id, None)
             actor = next(e.actor for e in events if e.type is EventType.REVOKED)
             self.end(request, f"was revoked by {actor}")
+        elif (any(event.type is EventType.ENDED for event in events)
+              and self.watched.pop(request.id, None) is not None):
+            self.end(request, "expired")
 
     def watch(self, grant: Request) -> None:
         """Keep an eye on a running grant (also called when a session uses one)."""

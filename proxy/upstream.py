@@ -142,8 +142,8 @@ async def _authenticate(
     def password() -> str:
         try:
             value = account.password()
-        except ConfigError as exc:
-            raise UpstreamError(str(exc)) from None
+        except ConfigError as unset:
+            raise UpstreamError(str(unset)) from None
         if value is None:
             raise UpstreamError(
                 f"upstream asks account {account.name!r} for a password but none is configured"

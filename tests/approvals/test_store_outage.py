@@ -35,6 +35,7 @@ def reads(store: Store, request_id: str) -> list[Call]:
         lambda: store.find_approved("0" * 64, T0),
         lambda: store.active_grants("alice", "prod-db", "app", T0),
         lambda: store.pending_due(T0),
+        lambda: store.grants_due(T0),
         lambda: store.audit(),
         lambda: store.verify_audit(),
         lambda: store.list_deliveries(),

@@ -518,6 +518,7 @@ def test_every_refused_transition_has_its_code(status: Status) -> None:
         Action.SUCCEED: lambda r: workflow.mark_executed(r, T0 + 63),
         Action.FAIL: lambda r: workflow.mark_failed(r, "x", T0 + 63),
         Action.REVOKE: lambda r: workflow.revoke(r, "alice", T0 + 63),
+        Action.END: lambda r: workflow.end_grant(r, T0 + 63),
     }
     expected_code = {
         Action.APPROVE: Code.EXPIRED if status is Status.EXPIRED else Code.NOT_PENDING,
@@ -528,12 +529,14 @@ def test_every_refused_transition_has_its_code(status: Status) -> None:
         Action.SUCCEED: Code.NOT_EXECUTING,
         Action.FAIL: Code.NOT_EXECUTING,
         Action.REVOKE: Code.NOT_APPROVED,
+        Action.END: Code.NOT_APPROVED,
     }
     allowed = TRANSITIONS[status]
     for action, attempt in attempts.items():
         subject_ok = {
             Action.CONSUME: request.subject_kind is SubjectKind.STATEMENT,
             Action.REVOKE: request.subject_kind is SubjectKind.GRANT,
+            Action.END: request.subject_kind is SubjectKind.GRANT,
         }.get(action, True)
         if action in allowed or (action is Action.APPROVE and Action.APPROVE_FINAL in allowed):
             if subject_ok:

@@ -1,0 +1,116 @@
+"""A JIT grant whose window runs out is recorded, end to end through the real ``pgvouch
+serve``: alice's 3-second grant is approved through the API, covers her UPDATE through the
+proxy to the real PostgreSQL, and once it lapses the sweeper moves it to ``expired``, the
+audit log has one ``request.ended`` (actor ``system``) and a signed-webhook receiver on
+127.0.0.1 (its ``events:`` filter naming ``request.ended``) got it; the next UPDATE is
+reviewed again. Once with a SQLite store, once with a PostgreSQL one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from approvals.auth import token_hash
+from tests.approvals.conftest import pg_dsn
+from tests.conftest import config_yaml, free_port
+from tests.e2e.test_cli import _wait_port
+from tests.e2e.test_jit_grants import POLICY, TOKENS, Served, _balance, _held
+from tests.e2e.test_review_flow import SECRET, Receiver
+
+T = TypeVar("T")
+
+
+def _wait_for(what: Callable[[], T | None], timeout: float = 20) -> T:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def served(request: pytest.FixtureRequest, pg: Any, tmp_path: Path) -> Iterator[tuple[Served, Receiver]]:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "app.yaml").write_text(POLICY)
+    receiver = Receiver()
+    schema = f"pgvouch_ge{uuid.uuid4().hex[:10]}"
+    store = (f"sqlite:///{tmp_path}/approvals.db" if request.param == "sqlite"
+             else f"{pg_dsn(pg)}?schema={schema}")
+    port, api_port = free_port(), free_port()
+    extra = (f"policies: {policies}\n"
+             f"store: '{store}'\n"
+             "hold: {wait_timeout: 30s, heartbeat: 5s, sweep_interval: 200ms}\n"
+             "limits: {drain_timeout: 1s}\n"
+             f"notify: {{webhooks: [{{url: 'http://127.0.0.1:{receiver.port}/hook', "
+             "secret_env: PGV_TEST_WEBHOOK_SECRET, events: [request.approved, request.ended]}]}\n")
+    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
+    for user, token in TOKENS.items():
+        text = text.replace(f"  - name: {user}\n",
+                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
+    config = tmp_path / "pgvouch.yaml"
+    config.write_text(text)
+    log = tmp_path / "pgvouch.log"
+    env = dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET)
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=sink, env=env)
+    try:
+        _wait_port(port, proc)
+        _wait_port(api_port, proc)
+        yield Served(port, api_port, proc, policies, log), receiver
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if request.param == "postgres":
+            pg.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', database="postgres")
+
+
+def test_a_lapsed_grant_is_ended_in_the_audit_log_and_on_the_webhook(
+        served: tuple[Served, Receiver], pg: Any) -> None:
+    proxy, receiver = served
+    pg.psql("UPDATE accounts SET balance = 460 WHERE id = 46")
+    status, grant = proxy.api("POST", "/grants", "alice", {
+        "resource": "app", "account": "app", "kinds": ["write"], "duration": "3s", "reason": "quick fix"})
+    assert status == 201, grant
+    grant_id = grant["id"]
+    ends_at = proxy.approve(grant_id)["approved_until"]
+    result = proxy.psql("UPDATE accounts SET balance = 461 WHERE id = 46")
+    assert result.returncode == 0 and time.time() < ends_at, result.stderr  # ran under the grant
+    assert _balance(pg, 46) == "461"
+    assert [e for e in proxy.audit() if e["type"] == "request.ended"] == []  # not before its end
+
+    def ended_records() -> list[dict[str, Any]]:
+        return [e for e in proxy.audit() if e["type"] == "request.ended" and e["request_id"] == grant_id]
+
+    [record] = _wait_for(ended_records)
+    assert record["actor"] == "system" and record["at"] >= ends_at
+    assert record["data"]["event"] == {"approved_until": ends_at}
+    assert record["data"]["status"] == "expired" and record["data"]["subject_kind"] == "grant"
+
+    status, after = proxy.api("GET", f"/requests/{grant_id}", "bob")
+    assert status == 200 and after["status"] == "expired" and after["approved_until"] == ends_at
+    assert proxy.api("GET", "/grants?active=true", "bob")[1]["grants"] == []
+    assert [g["status"] for g in proxy.api("GET", "/grants", "bob")[1]["grants"]] == ["expired"]
+
+    hooks = _wait_for(lambda: [e for e in receiver.events if e["event"] == "request.ended"])
+    [hook] = hooks
+    assert hook["actor"] == "system" and hook["request"]["id"] == grant_id
+    assert hook["request"]["status"] == "expired" and hook["data"] == {"approved_until": ends_at}
+    assert [e["event"] for e in receiver.events] == ["request.approved", "request.ended"]  # the filter
+    assert receiver.bad_signatures == 0
+
+    time.sleep(1)  # more sweeps: still ended once
+    assert len(ended_records()) == 1 and len(receiver.events) == 2
+    assert _held(proxy.psql("UPDATE accounts SET balance = 462 WHERE id = 46"))  # reviewed again
+    assert _balance(pg, 46) == "461"
