@@ -439,6 +439,9 @@ def _note(fields: JSONObject) -> str | None:
         raise ApiError("bad_request", "note must be a string")
     if len(note) > MAX_NOTE:
         raise ApiError("bad_request", f"note may be at most {MAX_NOTE} characters")
+    if any(not char.isprintable() and char not in "\r\n\t" for char in note):
+        # a NUL cannot be stored (jsonb) and escapes would reach logs and terminals
+        raise ApiError("bad_request", "note must not contain control characters")
     return note.strip() or None
 
 

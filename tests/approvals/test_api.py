@@ -360,6 +360,16 @@ async def test_an_empty_body_is_an_empty_note(env: ApiEnv) -> None:
     assert (reply.status, reply.body["votes"][0]["note"]) == (200, None)
 
 
+async def test_a_note_with_control_characters_is_a_400(env: ApiEnv) -> None:
+    request = await env.submit()
+    for note in ("ok\x00", "\x1b[2Jwiped"):
+        reply = await env.call("POST", f"/requests/{request.id}/deny", user="bob", body={"note": note})
+        assert (reply.status, reply.body["error"]["code"]) == (400, "bad_request")
+    reply = await env.call("POST", f"/requests/{request.id}/approve", user="bob",
+                           body={"note": "fine\nby me\t(bob)"})
+    assert reply.status == 200
+
+
 async def test_unknown_paths_and_methods_answer_json(env: ApiEnv) -> None:
     response = await env.client.get("/api/v1/nothing-here",
                                     headers={"Authorization": f"Bearer {token_of('bob')}"})
