@@ -11,6 +11,7 @@ Must not: open sockets, start servers, or evaluate policies.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -452,8 +453,13 @@ def _email(notify: Node | None) -> EmailSettings | None:
     if not _EMAIL.search(sender) or any(c in sender for c in "\r\n"):
         raise m["from"].error(f"from must be an address such as pgvouch@example.com, not {sender!r}")
     starttls = m["starttls"].bool() if "starttls" in m else True
+    host = m["smtp_host"].str()
+    if not starttls and "username_env" in m and not _loopback(host):
+        raise m["starttls"].error(
+            f"starttls: false with username_env/password_env would send the SMTP password to "
+            f"{host} in clear text; use starttls: true (or a relay on this host)")
     return EmailSettings(
-        smtp_host=m["smtp_host"].str(),
+        smtp_host=host,
         sender=sender,
         smtp_port=m["smtp_port"].int(minimum=1, maximum=65535) if "smtp_port" in m
         else 587 if starttls else 25,
@@ -464,6 +470,13 @@ def _email(notify: Node | None) -> EmailSettings | None:
         announce_to=tuple(m["announce_to"].str_list()) if "announce_to" in m else (),
         timeout=m["timeout"].duration() if "timeout" in m else 10.0,
     )
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _integrations(node: Node | None) -> tuple[Integration, ...]:

@@ -64,6 +64,15 @@ def test_secrets_come_from_the_environment_only(monkeypatch: pytest.MonkeyPatch)
     assert "sekrit" not in repr(settings)
 
 
+def test_clear_text_smtp_login_only_to_this_host() -> None:
+    for host in ("127.0.0.1", "::1", "localhost"):
+        settings = load(f"notify:\n  email: {{smtp_host: '{host}', from: x@y.z, starttls: false, "
+                        "username_env: U, password_env: P}\n")
+        assert settings.email is not None and not settings.email.starttls
+    settings = load("notify:\n  email: {smtp_host: smtp.example.com, from: x@y.z, starttls: false}\n")
+    assert settings.email is not None  # no credentials: nothing secret goes in clear
+
+
 @pytest.mark.parametrize(
     ("extra", "line", "message"),
     [
@@ -75,6 +84,8 @@ def test_secrets_come_from_the_environment_only(monkeypatch: pytest.MonkeyPatch)
         ("notify:\n  email: {smtp_host: h, from: x@y.z, password: p}\n", 4, "unknown key 'password'"),
         ("notify:\n  email: {smtp_host: h, from: x@y.z, username_env: U}\n", 4, "both username_env"),
         ("notify:\n  email: {smtp_host: h, from: nobody}\n", 4, "from must be an address"),
+        ("notify:\n  email: {smtp_host: smtp.example.com, from: x@y.z, starttls: false,\n"
+         "          username_env: U, password_env: P}\n", 4, "in clear text"),
         ("notify:\n  pager: {}\n", 4, "unknown key 'pager'"),
         ("users:\n  - {name: bob, email: 'bob@example.com\\nBcc: x@y.z'}\n", 4, "not an email address"),
         ("users:\n  - {name: bob, slack_id: bob}\n", 4, "Slack member id"),
