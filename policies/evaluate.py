@@ -233,6 +233,19 @@ def evaluate(
     return decision
 
 
+def statements_under_review(decision: Decision, count: int) -> frozenset[int]:
+    """Indexes of the ``count`` statements a review ``decision`` is about.
+
+    A statement is under review when a policy's rule said review for it
+    (nothing said deny: the decision would be deny). One that no policy
+    decided counts too (the defaults decided it, which this does not
+    re-derive: the strict reading). The others were allowed on their own.
+    """
+    decided = {v.statement for v in decision.verdicts}
+    reviewed = {v.statement for v in decision.verdicts if v.action is Action.REVIEW}
+    return frozenset(reviewed | (set(range(count)) - decided))
+
+
 def _smallest(values: Iterable[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None

@@ -10,9 +10,10 @@ Must not: decide policies (a deny never reaches here: the policy decider
 refuses it before any hold exists), apply workflow transitions, or speak the
 protocol.
 
-A grant covers a unit when every statement's kind is one of the grant's
-kinds and, if the grant names tables, every statement names tables and each
-of them certainly matches one of the grant's globs (the strict reading of
+A grant covers a unit when every statement under review (the policies
+allowed the others on their own, e.g. the BEGIN and COMMIT around an UPDATE
+in one Query) has one of the grant's kinds and, if the grant names tables,
+names tables that each certainly match one of the grant's globs (the strict reading of
 ``policies.globs``: an unqualified name never matches a dotted glob, "may
 touch any table" matches nothing). The policy must still allow a grant
 here: ``Decision.jit_max_duration`` is None when a deciding review rule has
@@ -30,13 +31,14 @@ would otherwise run on the laxer rule's approval.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from approvals.model import Request
 from approvals.service import ApprovalService
 from approvals.store import StoreError
 from policies.classify import Classification
 from policies.evaluate import Decision as PolicyDecision
+from policies.evaluate import statements_under_review
 from policies.globs import tables_match
 from proxy import sqlstate
 from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
@@ -47,15 +49,23 @@ log = logging.getLogger("pgvouch.grants")
 GrantUsed = Callable[[Request], None]
 
 
-def covers(grant: Request, classification: Classification) -> bool:
+def covers(grant: Request, classification: Classification,
+           reviewed: Collection[int] | None = None) -> bool:
+    """Whether ``grant`` covers every statement under review (``reviewed``: their indexes;
+    None: all). Statements the policies allowed on their own (a BEGIN or a SELECT sent in
+    one Query with the UPDATE) need no cover."""
     kinds = set(grant.subject.get("kinds") or ())
     globs: Sequence[str] = tuple(grant.subject.get("tables") or ())
-    for statement in classification.statements:
+    covered = 0
+    for index, statement in enumerate(classification.statements):
+        if reviewed is not None and index not in reviewed:
+            continue
         if str(statement.kind) not in kinds:
             return False
         if globs and not tables_match(statement.tables, globs, certain=True):
             return False
-    return bool(classification.statements)
+        covered += 1
+    return covered > 0
 
 
 def approved_for(grant: Request, decision: PolicyDecision, now: float) -> bool:
@@ -98,7 +108,8 @@ class GrantCheck:
             log.error("approvals store unavailable while looking for grants: %s", exc)
             return deny("pgvouch: the approvals store is unavailable, so this statement, which "
                         "needs approval, was not run", code=sqlstate.STORE_UNAVAILABLE)
-        grant = next((g for g in grants if covers(g, self.classification)
+        reviewed = statements_under_review(self.decision, len(self.classification.statements))
+        grant = next((g for g in grants if covers(g, self.classification, reviewed)
                       and approved_for(g, self.decision, now)), None)
         if grant is None:
             return None

@@ -238,6 +238,12 @@ def test_coverage_by_kind_and_table() -> None:
     mixed = classify("UPDATE public.orders SET x = 1 WHERE id = 1; CREATE TABLE t (x int)")
     assert not covers(write_any, mixed)  # type: ignore[arg-type]
     assert covers(_grant_with(["write", "ddl"], []), mixed)  # type: ignore[arg-type]
+    # statements the policies allowed on their own need no cover; those under review do
+    wrapped = classify("BEGIN; UPDATE public.orders SET x = 1 WHERE id = 1; COMMIT")
+    assert not covers(write_any, wrapped)  # type: ignore[arg-type]
+    assert covers(write_any, wrapped, reviewed={1})  # type: ignore[arg-type]
+    assert not covers(write_any, mixed, reviewed={1})  # type: ignore[arg-type]  # the DDL is reviewed
+    assert not covers(write_any, wrapped, reviewed=set())  # type: ignore[arg-type]  # nothing to cover
 
 
 def test_the_psql_command_is_recognised_exactly() -> None:

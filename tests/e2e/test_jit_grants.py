@@ -199,11 +199,19 @@ def test_psql_grant_lets_updates_run_without_review_until_revoked(served: Served
     assert len(under_grant) == 4
     assert all(e["request_id"] == grant_id and e["actor"] == "alice" for e in under_grant)
 
+    # one Query holding BEGIN, the UPDATE and COMMIT: only the UPDATE was under review, and the
+    # grant covers it; a Query with a statement the grant does not cover is reviewed as a whole
+    result = served.psql("BEGIN; UPDATE accounts SET balance = balance + 1 WHERE id = 41; COMMIT")
+    assert result.returncode == 0 and result.stdout.strip().endswith("COMMIT"), result.stderr
+    assert _balance(pg, 41) == "424"
+    assert _held(served.psql("UPDATE accounts SET balance = 0 WHERE id = 41; CREATE TABLE t41 (x int)"))
+    assert _balance(pg, 41) == "424"
+
     # carol (an approver) revokes it: the next UPDATE is reviewed again
     status, revoked = served.api("POST", f"/grants/{grant_id}/revoke", "carol", {"note": "incident over"})
     assert status == 200 and revoked["status"] == "revoked"
     assert _held(served.psql(update))
-    assert _balance(pg, 41) == "423"
+    assert _balance(pg, 41) == "424"
     assert any(e["type"] == "request.revoked" and e["request_id"] == grant_id for e in served.audit())
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from policies.classify import classify
-from policies.evaluate import Decision, Identity, evaluate
+from policies.evaluate import Decision, Identity, evaluate, statements_under_review
 from policies.globs import tables_match, user_matches
 from policies.loader import policy_set_from_text
 from policies.model import Action, PolicySet
@@ -258,3 +258,14 @@ def test_explanation_shows_every_applicable_policy() -> None:
     assert "policy hr, rule #1 → deny: a table it names (hr.salaries) may be one of" in text
     session = decide("SHOW work_mem", identity=Identity("mallory"))
     assert "policy hr: no rule matches this read statement" in "\n".join(session.explanation)
+
+
+def test_which_statements_a_review_is_about() -> None:
+    both = decide("BEGIN; UPDATE public.orders SET x = 1 WHERE id = 1; SELECT 1; COMMIT")
+    assert both.action is Action.REVIEW
+    assert statements_under_review(both, 4) == frozenset({1})
+    two = decide("UPDATE public.orders SET x = 1 WHERE id = 1; CREATE TABLE t (x int)")
+    assert statements_under_review(two, 2) == frozenset({0, 1})
+    # a statement no policy's rule decided (the defaults did) counts, the strict reading
+    assert statements_under_review(decide("UPDATE t SET x = 1 WHERE id = 1", resource="dev"), 1) \
+        == frozenset({0})
