@@ -25,12 +25,20 @@ CANCEL_REQUEST = 80877102
 MAX_STARTUP_SIZE = 10_000  # PostgreSQL itself caps the startup packet at 10000 bytes
 
 _I32 = struct.Struct("!i")
-_HEADER = struct.Struct("!Bi")
-_unpack_header = _HEADER.unpack_from
 ALL_TYPES = frozenset(range(256))
 _unpack_i32 = _I32.unpack_from
-_unpack_i16 = struct.Struct("!h").unpack_from
-_unpack_hh = struct.Struct("!hh").unpack_from
+
+
+def _i16(data: bytes, pos: int) -> int:
+    """The signed Int16 at ``pos`` (by hand: compiled, no tuple or int objects)."""
+    value = (data[pos] << 8) | data[pos + 1]
+    return value - 0x10000 if value >= 0x8000 else value
+
+
+def _i32(data: bytes, pos: int) -> int:
+    """The signed Int32 at ``pos``."""
+    value = (data[pos] << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+    return value - 0x100000000 if value >= 0x80000000 else value
 
 
 class ProtocolError(Exception):
@@ -96,9 +104,13 @@ class Framer:
         pos = 0
         messages: list[tuple[int, int, int]] = []
         limit = self.max_size
-        unpack = _unpack_header
         while n - pos >= 5:
-            kind, length = unpack(data, pos)
+            # the header by hand, not struct: compiled (mypyc), this is plain
+            # integer arithmetic with no tuple or int objects per message
+            kind = data[pos]
+            length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            if length >= 0x80000000:
+                length -= 0x100000000  # Int32 is signed: report what the peer sent
             if length < 4 or length > limit:
                 raise ProtocolError(
                     f"invalid message length {length} for message type {chr(kind)!r}",
@@ -440,7 +452,7 @@ def read_parse(data: bytes, start: int, end: int) -> tuple[str, str, tuple[int, 
     pos = z2 + 3
     if pos > end:
         raise _truncated("an Int16")
-    (count,) = _unpack_i16(data, pos - 2)
+    count = _i16(data, pos - 2)
     if count < 0:
         raise ProtocolError("negative parameter count in Parse")
     if not count:
@@ -464,23 +476,22 @@ def read_bind(data: bytes, start: int, end: int) -> tuple[str, str, int]:
     pos = tail = z2 + 1
     if pos + 4 > end:
         raise _truncated("an Int16")
-    nfmt, nparams = _unpack_hh(data, pos)
+    nfmt = _i16(data, pos)
     if nfmt:
         if nfmt < 0:
             raise ProtocolError("negative format count in Bind")
         pos += 2 * nfmt
         if pos + 4 > end:
             raise _truncated("an Int16")
-        (nparams,) = _unpack_i16(data, pos + 2)
+    nparams = _i16(data, pos + 2)
     pos += 4
     if nparams:
         if nparams < 0:
             raise ProtocolError("negative parameter count in Bind")
-        unpack_i32 = _unpack_i32
         for _ in range(nparams):
             if pos + 4 > end:
                 raise _truncated("an Int32")
-            (length,) = unpack_i32(data, pos)
+            length = _i32(data, pos)
             pos += 4
             if length > 0:
                 pos += length
@@ -490,7 +501,7 @@ def read_bind(data: bytes, start: int, end: int) -> tuple[str, str, int]:
                 raise _truncated(f"{length} bytes")
     if pos + 2 > end:
         raise _truncated("an Int16")
-    (nres,) = _unpack_i16(data, pos)
+    nres = _i16(data, pos)
     if nres < 0:
         raise ProtocolError("negative result format count in Bind")
     stop = pos + 2 + 2 * nres
@@ -510,14 +521,14 @@ def _bind_tail(data: bytes, pos: int, end: int,
     """
     if pos + 2 > end:
         raise _truncated("an Int16")
-    (nfmt,) = _unpack_i16(data, pos)
+    nfmt = _i16(data, pos)
     if nfmt < 0:
         raise ProtocolError("negative format count in Bind")
     fmt_at = pos + 2
     pos = fmt_at + 2 * nfmt
     if pos + 2 > end:
         raise _truncated("an Int16")
-    (nparams,) = _unpack_i16(data, pos)
+    nparams = _i16(data, pos)
     if nparams < 0:
         raise ProtocolError("negative parameter count in Bind")
     pos += 2
@@ -525,7 +536,7 @@ def _bind_tail(data: bytes, pos: int, end: int,
     for _ in range(nparams):
         if pos + 4 > end:
             raise _truncated("an Int32")
-        (length,) = _unpack_i32(data, pos)
+        length = _i32(data, pos)
         pos += 4
         if length == -1:
             if want:
@@ -538,7 +549,7 @@ def _bind_tail(data: bytes, pos: int, end: int,
         pos += length
     if pos + 2 > end:
         raise _truncated("an Int16")
-    (nres,) = _unpack_i16(data, pos)
+    nres = _i16(data, pos)
     if nres < 0:
         raise ProtocolError("negative result format count in Bind")
     stop = pos + 2 + 2 * nres
