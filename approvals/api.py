@@ -31,7 +31,7 @@ from aiohttp import web
 from approvals import preview, workflow
 from approvals.approval_mode import MAX_REASON, ApprovalModeError, ApprovalModes
 from approvals.auth import TokenAuthenticator
-from approvals.model import JSONObject, Request, Status, normalize_request_id
+from approvals.model import JSONObject, Request, Status, normalize_request_id, request_fields
 from approvals.service import ApprovalService
 from approvals.store import ApprovalMode, Delivery, DeliveryStatus, NotFound, StoreUnavailable
 from approvals.webhooks import (
@@ -265,18 +265,23 @@ async def deny(request: web.Request) -> web.Response:
 
 
 async def _vote(request: web.Request, decision: str) -> web.Response:
-    request_id = _request_id(request)
-    note = _note(await _optional_json_object(request, ("note",)))
-    service, user = request.app[SERVICE], request[USER].name
-    updated = await service.vote(request_id, user, decision, note)
-    return web.json_response(render_request(updated, service.clock(), user))
+    return await noted_action(
+        request, lambda service, request_id, user, note: service.vote(request_id, user, decision, note))
 
 
 async def cancel(request: web.Request) -> web.Response:
+    return await noted_action(request, ApprovalService.cancel)
+
+
+NotedAction = Callable[[ApprovalService, str, str, "str | None"], Awaitable[Request]]
+
+
+async def noted_action(request: web.Request, act: NotedAction) -> web.Response:
+    """``act(service, request id, user, note)`` on the request in the path; the body may hold a note."""
     request_id = _request_id(request)
     note = _note(await _optional_json_object(request, ("note",)))
     service, user = request.app[SERVICE], request[USER].name
-    updated = await service.cancel(request_id, user, note)
+    updated = await act(service, request_id, user, note)
     return web.json_response(render_request(updated, service.clock(), user))
 
 
@@ -522,20 +527,10 @@ def render_request(request: Request, now: float, viewer: str | None = None) -> J
     progress = workflow.progress(request, now)
     own_vote = next((v for v in request.votes if v.user == viewer), None)
     return {
-        "id": request.id,
-        "kind": str(request.subject_kind),
-        "status": str(request.status),
-        "requester": request.requester,
-        "resource": request.resource,
-        "account": request.account,
-        "policies": list(request.policies),
-        "subject": request.subject,
-        "created_at": request.created_at,
-        "expires_at": request.expires_at,
+        **request_fields(request),
         "decided_at": request.decided_at,
         "approved_until": request.approved_until,
         "executed_at": request.executed_at,
-        "note": request.note,
         "error": request.error,
         "preview": preview.render(request.preview, now),
         "summary": progress.summary(),

@@ -23,13 +23,12 @@ from approvals.api import (
     SERVICE,
     USER,
     ApiError,
-    _note,
-    _optional_json_object,
     _parse_object,
     _query_int,
     _read_body,
     _request_id,
     _string,
+    noted_action,
     render_request,
 )
 from approvals.grants import (
@@ -43,6 +42,7 @@ from approvals.grants import (
     parse_tables,
 )
 from approvals.model import JSONObject, Status, SubjectKind
+from approvals.service import ApprovalService
 from approvals.workflow import is_usable
 
 GRANT_DESK = web.AppKey("approvals_grant_desk", GrantDesk)
@@ -102,11 +102,7 @@ async def list_grants(request: web.Request) -> web.Response:
 
 
 async def revoke_grant(request: web.Request) -> web.Response:
-    request_id = _request_id(request)
-    note = _note(await _optional_json_object(request, ("note",)))
-    service, user = request.app[SERVICE], request[USER].name
-    updated = await service.revoke(request_id, user, note)
-    return web.json_response(render_request(updated, service.clock(), user))
+    return await noted_action(request, ApprovalService.revoke)
 
 
 async def convert_to_grant(request: web.Request) -> web.Response:

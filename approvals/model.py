@@ -317,6 +317,23 @@ def request_to_dict(request: Request) -> JSONObject:
     }
 
 
+def request_fields(request: Request) -> JSONObject:
+    """What every outside view of a request starts with (the API, webhook bodies)."""
+    return {
+        "id": request.id,
+        "kind": str(request.subject_kind),
+        "status": str(request.status),
+        "requester": request.requester,
+        "resource": request.resource,
+        "account": request.account,
+        "policies": list(request.policies),
+        "subject": request.subject,
+        "created_at": request.created_at,
+        "expires_at": request.expires_at,
+        "note": request.note,
+    }
+
+
 def request_from_dict(doc: Mapping[str, Any]) -> Request:
     return Request(
         id=doc["id"],

@@ -60,8 +60,9 @@ from approvals.audit import (
     parse_event,
     seal,
 )
-from approvals.model import Request, Status, SubjectKind, canonical_json
+from approvals.model import Request, Status, canonical_json
 from approvals.pg_notify import REQUEST, change_channel, notify
+from approvals.request_queries import RequestQueries, numbered
 from approvals.store import (
     DEFAULT_PG_SCHEMA,
     ID_ATTEMPTS,
@@ -179,7 +180,7 @@ if TYPE_CHECKING:  # the asyncpg classes are not subscriptable at run time
     Pool = asyncpg.Pool[asyncpg.Record]
 
 
-class PgStore:
+class PgStore(RequestQueries):
     """:class:`~approvals.store.Store` on PostgreSQL; safe to share between replicas."""
 
     def __init__(
@@ -354,42 +355,8 @@ class PgStore:
                     found.append(request_from_doc(row["doc"], row["version"]))
         return found
 
-    async def find_approved(self, fingerprint: str, now: float) -> Request | None:
-        found = await self._requests(
-            "WHERE fingerprint = $1 AND status = 'approved' AND subject_kind = $2 AND approved_until > $3 "
-            "ORDER BY approved_until, id LIMIT 1",
-            (fingerprint, str(SubjectKind.STATEMENT), now),
-        )
-        return found[0] if found else None
-
-    async def find_pending(self, fingerprint: str, now: float) -> Request | None:
-        found = await self._requests(
-            "WHERE fingerprint = $1 AND status = 'pending' AND expires_at > $2 "
-            "ORDER BY created_at, id LIMIT 1",
-            (fingerprint, now),
-        )
-        return found[0] if found else None
-
-    async def active_grants(
-        self, requester: str, resource: str, account: str, now: float
-    ) -> builtins.list[Request]:
-        return await self._requests(
-            "WHERE requester = $1 AND resource = $2 AND account = $3 AND subject_kind = $4 "
-            "AND status = 'approved' AND approved_until > $5 ORDER BY approved_until, id",
-            (requester, resource, account, str(SubjectKind.GRANT), now),
-        )
-
-    async def pending_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
-        return await self._requests(
-            "WHERE status = 'pending' AND expires_at <= $1 ORDER BY expires_at, id LIMIT $2", (now, limit)
-        )
-
-    async def grants_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
-        return await self._requests(
-            "WHERE subject_kind = $1 AND status = 'approved' AND approved_until <= $2 "
-            "ORDER BY approved_until, id LIMIT $3",
-            (str(SubjectKind.GRANT), now, limit),
-        )
+    async def _select(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
+        return await self._requests(numbered(tail), args)
 
     async def _requests(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
         async with self._connection() as conn:

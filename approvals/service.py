@@ -27,7 +27,7 @@ from typing import Any
 from approvals import preview, workflow
 from approvals.audit import request_record
 from approvals.channels import WEBHOOK, Announcement, Notifier
-from approvals.model import Request, Status, SubjectKind
+from approvals.model import Request, Status, SubjectKind, request_fields
 from approvals.store import Conflict, Effects, NotFound, Outbound, Store
 from approvals.workflow import Event, Outcome, WorkflowError
 
@@ -278,17 +278,7 @@ def webhook_payload(event: Event, request: Request, directory: Mapping[str, Sequ
         "at": event.at,
         "actor": event.actor,
         "request": {
-            "id": request.id,
-            "kind": str(request.subject_kind),
-            "status": str(request.status),
-            "requester": request.requester,
-            "resource": request.resource,
-            "account": request.account,
-            "policies": list(request.policies),
-            "subject": request.subject,
-            "created_at": request.created_at,
-            "expires_at": request.expires_at,
-            "note": request.note,
+            **request_fields(request),
             "progress": progress.summary(),
             "preview": preview.render(request.preview, now),
         },

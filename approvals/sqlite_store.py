@@ -48,7 +48,8 @@ from approvals.audit import (
     parse_event,
     seal,
 )
-from approvals.model import Request, Status, SubjectKind, canonical_json
+from approvals.model import Request, Status, canonical_json
+from approvals.request_queries import RequestQueries
 from approvals.store import (
     ID_ATTEMPTS,
     ApprovalMode,
@@ -162,7 +163,7 @@ def split_statements(script: str) -> list[str]:
     return statements
 
 
-class SqliteStore:
+class SqliteStore(RequestQueries):
     """:class:`~approvals.store.Store` on a SQLite file."""
 
     def __init__(self, path: str | Path, *, busy_timeout: float = 10.0) -> None:
@@ -342,41 +343,8 @@ class SqliteStore:
             f"WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
         )
 
-    async def find_approved(self, fingerprint: str, now: float) -> Request | None:
-        found = await self._requests(
-            "WHERE fingerprint = ? AND status = 'approved' AND subject_kind = ? AND approved_until > ? "
-            "ORDER BY approved_until, id LIMIT 1",
-            (fingerprint, str(SubjectKind.STATEMENT), now),
-        )
-        return found[0] if found else None
-
-    async def find_pending(self, fingerprint: str, now: float) -> Request | None:
-        found = await self._requests(
-            "WHERE fingerprint = ? AND status = 'pending' AND expires_at > ? ORDER BY created_at, id LIMIT 1",
-            (fingerprint, now),
-        )
-        return found[0] if found else None
-
-    async def active_grants(
-        self, requester: str, resource: str, account: str, now: float
-    ) -> builtins.list[Request]:
-        return await self._requests(
-            "WHERE requester = ? AND resource = ? AND account = ? AND subject_kind = ? "
-            "AND status = 'approved' AND approved_until > ? ORDER BY approved_until, id",
-            (requester, resource, account, str(SubjectKind.GRANT), now),
-        )
-
-    async def pending_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
-        return await self._requests(
-            "WHERE status = 'pending' AND expires_at <= ? ORDER BY expires_at, id LIMIT ?", (now, limit)
-        )
-
-    async def grants_due(self, now: float, limit: int = 100) -> builtins.list[Request]:
-        return await self._requests(
-            "WHERE subject_kind = ? AND status = 'approved' AND approved_until <= ? "
-            "ORDER BY approved_until, id LIMIT ?",
-            (str(SubjectKind.GRANT), now, limit),
-        )
+    async def _select(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
+        return await self._requests(tail, args)
 
     async def _requests(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
         def work(conn: sqlite3.Connection) -> builtins.list[Request]:
