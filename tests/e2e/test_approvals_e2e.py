@@ -22,31 +22,15 @@ from proxy.approval_hold import ApprovalReviewer
 from proxy.policy_decider import PolicyDecider, load_live_policies
 from proxy.statement_audit import StatementAuditor
 from tests.conftest import GROUPS, PASSWORDS, PSQL, RunningProxy, make_settings
+from tests.e2e.helpers import ALLOW_READS, deny, policy, review, rule
 
-POLICY = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write], tables: ["audited_free"]}
-        action: allow
-      - when: {kinds: [write], tables: ["short_lived"]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}],
-                   expires_after: 1s}
-      - when: {kinds: [write]}
-        action: review
-        message: Writes need a DBA
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-      - when: {kinds: [ddl]}
-        action: review
-        approval: {steps: [{name: two DBAs, approvers: ["group:dba"], required: 2}]}
-      - when: {kinds: [destructive, privilege, admin, unknown]}
-        action: deny
-defaults: {action: deny}
-"""
+POLICY = policy(
+    ALLOW_READS,
+    rule("allow", "write", tables='"audited_free"'),
+    review(tables='"short_lived"', expires_after="1s"),
+    review(message="Writes need a DBA"),
+    review("ddl", approval='{steps: [{name: two DBAs, approvers: ["group:dba"], required: 2}]}'),
+    deny())
 
 
 class Approvals:

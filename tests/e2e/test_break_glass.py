@@ -15,9 +15,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +25,25 @@ import pytest
 
 from approvals.auth import token_hash
 from tests.approvals.conftest import pg_dsn
-from tests.conftest import PASSWORDS, PSQL, config_yaml, free_port
-from tests.e2e.test_cli import _wait_port
-from tests.e2e.test_review_flow import SECRET, Receiver, _api
+from tests.conftest import config_yaml, free_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    DANGEROUS,
+    add_user_fields,
+    api_call,
+    deny,
+    policy,
+    psql_popen,
+    review,
+    start_serve,
+    stop_serve,
+    wait_for,
+    wait_port,
+    write_policies,
+)
+from tests.e2e.test_review_flow import SECRET, Receiver
 
-POLICY = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-      - when: {kinds: [destructive, privilege, admin, unknown, ddl]}
-        action: deny
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review(), deny(f"{DANGEROUS}, ddl"))
 TOKENS = {"bob": "tok-bob-0123456789", "dave": "tok-dave-0123456789"}
 REASON = "incident 4711: payments stuck"
 
@@ -56,31 +57,22 @@ class Served:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        _wait_port(self.port, self.proc)
-        _wait_port(self.api_port, self.proc)
+        self.proc = start_serve(self.config, env=dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET))
+        wait_port(self.port, self.proc)
+        wait_port(self.api_port, self.proc)
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(20)
+            stop_serve(self.proc)
             self.proc = None
 
     def api(self, method: str, path: str, user: str | None = None, body: dict | None = None
             ) -> tuple[int, Any]:
-        return _api(self.api_port, method, "/api/v1" + path, body=body,
-                    headers={"Authorization": f"Bearer {TOKENS[user]}"} if user else None)
+        return api_call(self.api_port, method, "/api/v1" + path, body=body,
+                        token=TOKENS[user] if user else None)
 
     def psql(self, sql: str, *, retry: bool = False) -> subprocess.Popen[str]:
-        dsn = (f"host=127.0.0.1 port={self.port} user=alice dbname=app "
-               f"password={PASSWORDS['alice']} sslmode=disable")
-        if retry:
-            dsn += " options='-c pgvouch.hold=retry'"
-        return subprocess.Popen([PSQL, "-X", "-At", "-d", dsn, "-c", sql],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return psql_popen(self.port, sql, retry=retry)
 
     def cli(self, *args: str, user: str = "dave") -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PGVOUCH_TOKEN=TOKENS[user])
@@ -95,22 +87,13 @@ class Served:
         return list(body["events"])
 
 
-def _wait_for(what: Callable[[], Any], timeout: float = 15) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
+_wait_for = partial(wait_for, timeout=15, step=0.2)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def served(request: pytest.FixtureRequest, pg: Any, tmp_path: Path
            ) -> Iterator[tuple[Served, Receiver]]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp_path / "policies", POLICY)
     receiver = Receiver()
     schema = f"pgvouch_bg{uuid.uuid4().hex[:10]}"
     if request.param == "sqlite":
@@ -126,11 +109,9 @@ def served(request: pytest.FixtureRequest, pg: Any, tmp_path: Path
         f"notify: {{webhooks: [{{url: 'http://127.0.0.1:{receiver.port}/hook', "
         "secret_env: PGV_TEST_WEBHOOK_SECRET, events: [request.created]}]}\n"
     )
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    text = text.replace("  - name: bob\n",
-                        f"  - name: bob\n    api_token_sha256: {token_hash(TOKENS['bob'])}\n")
-    text = text.replace("  - name: dave\n", f"  - name: dave\n    roles: [owner]\n"
-                        f"    api_token_sha256: {token_hash(TOKENS['dave'])}\n")
+    text = add_user_fields(config_yaml(pg, port=port, api_port=api_port, extra=extra), {
+        "bob": [f"api_token_sha256: {token_hash(TOKENS['bob'])}"],
+        "dave": ["roles: [owner]", f"api_token_sha256: {token_hash(TOKENS['dave'])}"]})
     config = tmp_path / "pgvouch.yaml"
     config.write_text(text)
     running = Served(tmp_path, config, port, api_port)

@@ -15,23 +15,9 @@ import pytest
 
 from proxy import scram
 from tests.conftest import PASSWORDS, PSQL, config_yaml, free_port
+from tests.e2e.helpers import wait_port as _wait_port
 
 PGVOUCH = [sys.executable, "-m", "proxy.cli"]
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
-    import socket
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"pgvouch exited early: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("pgvouch did not start listening")
 
 
 @pytest.fixture

@@ -8,41 +8,27 @@ reviewed again. Once with a SQLite store, once with a PostgreSQL one."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from approvals.auth import token_hash
 from tests.approvals.conftest import pg_dsn
 from tests.conftest import config_yaml, free_port
-from tests.e2e.test_cli import _wait_port
+from tests.e2e.helpers import add_tokens, serving, wait_for, write_policies
 from tests.e2e.test_jit_grants import POLICY, TOKENS, Served, _balance, _held
 from tests.e2e.test_review_flow import SECRET, Receiver
 
-T = TypeVar("T")
-
-
-def _wait_for(what: Callable[[], T | None], timeout: float = 20) -> T:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
+_wait_for = partial(wait_for, timeout=20, step=0.1)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def served(request: pytest.FixtureRequest, pg: Any, tmp_path: Path) -> Iterator[tuple[Served, Receiver]]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp_path / "policies", POLICY)
     receiver = Receiver()
     schema = f"pgvouch_ge{uuid.uuid4().hex[:10]}"
     store = (f"sqlite:///{tmp_path}/approvals.db" if request.param == "sqlite"
@@ -54,24 +40,14 @@ def served(request: pytest.FixtureRequest, pg: Any, tmp_path: Path) -> Iterator[
              "limits: {drain_timeout: 1s}\n"
              f"notify: {{webhooks: [{{url: 'http://127.0.0.1:{receiver.port}/hook', "
              "secret_env: PGV_TEST_WEBHOOK_SECRET, events: [request.approved, request.ended]}]}\n")
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():
-        text = text.replace(f"  - name: {user}\n",
-                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
     config = tmp_path / "pgvouch.yaml"
-    config.write_text(text)
+    config.write_text(add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS))
     log = tmp_path / "pgvouch.log"
     env = dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET)
-    with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=sink, env=env)
     try:
-        _wait_port(port, proc)
-        _wait_port(api_port, proc)
-        yield Served(port, api_port, proc, policies, log), receiver
+        with serving(config, (port, api_port), log=log, env=env) as proc:
+            yield Served(port, api_port, proc, policies, log), receiver
     finally:
-        proc.terminate()
-        proc.wait(20)
         if request.param == "postgres":
             pg.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', database="postgres")
 

@@ -11,50 +11,22 @@ import time
 
 import pytest
 
+from tests.e2e.helpers import ALLOW_READS, policy, review
 from tests.e2e.test_jit_grants import POLICY, Served, _balance, _held
 from tests.e2e.test_jit_grants import served as jit_served  # noqa: F401 - a fixture
 
+PEER_REVIEW = '{steps: [{name: peer review, approvers: ["dave"], required: 1}]}'
 # The first review rule that may match "any table" is a lax one (dave alone, 8h) for
 # scratch tables; ordinary writes need a DBA and at most 1h.
-POLICY_SCRATCH_FIRST = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - name: scratch
-        when: {kinds: [write], tables: [public.scratch*]}
-        action: review
-        approval: {steps: [{name: peer review, approvers: ["dave"], required: 1}]}
-        jit: {max_duration: 8h}
-      - name: writes
-        when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-        jit: {max_duration: 1h}
-defaults: {action: deny}
-"""
+POLICY_SCRATCH_FIRST = policy(
+    ALLOW_READS,
+    review(name="scratch", tables="public.scratch*", approval=PEER_REVIEW, jit="8h"),
+    review(name="writes", jit="1h"))
 # Balances need a DBA (at most 1h); other writes only dave (8h).
-POLICY_BALANCES_STRICT = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - name: balances
-        when: {kinds: [write], tables: [public.accounts]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-        jit: {max_duration: 1h}
-      - name: writes
-        when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: peer review, approvers: ["dave"], required: 1}]}
-        jit: {max_duration: 8h}
-defaults: {action: deny}
-"""
+POLICY_BALANCES_STRICT = policy(
+    ALLOW_READS,
+    review(name="balances", tables="public.accounts", jit="1h"),
+    review(name="writes", approval=PEER_REVIEW, jit="8h"))
 
 
 def _load_policy(served: Served, text: str) -> None:

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +30,29 @@ import pytest
 from approvals.auth import token_hash
 from tests.approvals.conftest import pg_dsn
 from tests.approvals.fake_slack import SIGNING_SECRET, ThreadedFakeSlack, click, signed_headers
-from tests.conftest import PASSWORDS, PSQL, PgServer, config_yaml, free_port
-from tests.e2e.test_replicas import TOKENS, Replica, _wait_for
+from tests.conftest import PSQL, PgServer, config_yaml, free_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    Replica,
+    add_user_fields,
+    audit_verify,
+    balance,
+    policy,
+    post_slack_interaction,
+    proxy_dsn,
+    replica_pair,
+    review,
+    wait_for,
+    write_policies,
+)
+from tests.e2e.test_replicas import TOKENS
 
-POLICY = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - name: writes
-        when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-        jit: {max_duration: 4h}
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review(name="writes", jit="4h"))
 SLACK_IDS = {"alice": "U0ALICE", "bob": "U0BOB"}
 POLL_INTERVAL = 30  # seconds: a hold's own re-read of the store, far above anything allowed here
 WAIT_TIMEOUT = 4  # seconds a held statement waits before PV002 (so a wrong hold cannot hang the test)
 PROMPT = 3.0  # seconds an UPDATE under a grant may take at most (well under both of the above)
+_wait_for = partial(wait_for, timeout=20, step=0.05)
 
 
 @dataclass
@@ -66,9 +66,8 @@ class PsqlSession:
     """One open psql of alice's: each statement is followed by markers on stdout and stderr."""
 
     def __init__(self, replica: Replica) -> None:
-        dsn = (f"host=127.0.0.1 port={replica.port} user=alice dbname=app "
-               f"password={PASSWORDS['alice']} sslmode=disable")
-        self.proc = subprocess.Popen([PSQL, "-X", "-At", "-v", "VERBOSITY=verbose", "-d", dsn],
+        self.proc = subprocess.Popen([PSQL, "-X", "-At", "-v", "VERBOSITY=verbose", "-d",
+                                      proxy_dsn(replica.port)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
         self.lines: dict[str, list[str]] = {"out": [], "err": []}
@@ -128,14 +127,7 @@ class Cluster:
         """``slack_user`` presses a button of the message about ``request_id``; Slack posts to ``replica``."""
         url = self.fake.slack.response_url()
         body = click(action, request_id, slack_user, url)
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{replica.api_port}/api/v1/slack/interactions", data=body,
-            method="POST", headers=signed_headers(body, time.time()))
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return int(response.status), url
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), url
+        return post_slack_interaction(replica.api_port, body, signed_headers(body, time.time())), url
 
     def audit(self) -> list[dict[str, Any]]:
         status, body = self.a.api("GET", "/audit?limit=1000")
@@ -143,9 +135,7 @@ class Cluster:
         return list(body["events"])
 
     def verify_audit(self) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "audit", "verify", "--config", str(self.a.config)],
-            capture_output=True, text=True, env=self.env, timeout=60)
+        return audit_verify(self.a.config, self.env)
 
 
 def _write_config(tmp_path: Path, pg: PgServer, name: str) -> tuple[Path, int, int]:
@@ -161,48 +151,24 @@ def _write_config(tmp_path: Path, pg: PgServer, name: str) -> tuple[Path, int, i
         "  slack: {webhook_url_env: PGV_TEST_SLACK_URL, signing_secret_env: PGV_TEST_SLACK_SECRET,\n"
         "          channel: '#dba', response_url_hosts: [127.0.0.1]}\n"
     )
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():
-        mapping = f"    api_token_sha256: {token_hash(token)}\n    slack_id: {SLACK_IDS[user]}\n"
-        text = text.replace(f"  - name: {user}\n", f"  - name: {user}\n{mapping}")
+    text = add_user_fields(config_yaml(pg, port=port, api_port=api_port, extra=extra), {
+        user: [f"api_token_sha256: {token_hash(token)}", f"slack_id: {SLACK_IDS[user]}"]
+        for user, token in TOKENS.items()})
     config = tmp_path / f"replica-{name}.yaml"
     config.write_text(text)
     return config, port, api_port
 
 
-def _start(tmp_path: Path, pg: PgServer, name: str, env: dict[str, str]) -> Replica:
-    for attempt in range(5):
-        config, port, api_port = _write_config(tmp_path, pg, name)
-        replica = Replica(name, config, port, api_port, env)
-        try:
-            replica.wait_ready()
-            return replica
-        except RuntimeError:
-            replica.stop()
-            if attempt == 4 or "in use" not in replica.log.read_text():
-                raise  # not a port some other process grabbed meanwhile
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture
 def cluster(pg: PgServer, tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "app.yaml").write_text(POLICY)
+    write_policies(tmp_path / "policies", POLICY)
     schema = f"pgvouch_d{uuid.uuid4().hex[:12]}"
     fake = ThreadedFakeSlack()
     env = dict(os.environ, PGV_TEST_STORE=f"{pg_dsn(pg)}?schema={schema}",
                PGV_TEST_SLACK_URL=fake.slack.webhook_url, PGV_TEST_SLACK_SECRET=SIGNING_SECRET)
-    started: list[Replica] = []
-    try:
-        started.append(_start(tmp_path, pg, "a", env))
-        started.append(_start(tmp_path, pg, "b", env))
-        yield Cluster(started[0], started[1], fake, env)
-    finally:
-        for replica in started:
-            replica.stop()
-        for replica in started:
-            assert replica.proc.returncode == 0, replica.log.read_text()[-2000:]
-        pg.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', database="postgres")
+    with replica_pair(pg, schema, lambda name: _write_config(tmp_path, pg, name), env,
+                      TOKENS) as (a, b):
+        yield Cluster(a, b, fake, env)
 
 
 @pytest.fixture
@@ -214,8 +180,7 @@ def session(cluster: Cluster) -> Iterator[PsqlSession]:
         opened.close()
 
 
-def _balance(pg: PgServer, row: int) -> str:
-    return pg.psql(f"SELECT balance FROM accounts WHERE id = {row}").strip()
+_balance = balance
 
 
 def _request_grant(cluster: Cluster, session: PsqlSession, duration: str, reason: str) -> str:

@@ -6,15 +6,12 @@ per-statement review until the grant is revoked or expires; deny rules still win
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,36 +20,27 @@ from typing import Any
 import asyncpg
 import pytest
 
-from approvals.auth import token_hash
 from approvals.service import ApprovalService
 from approvals.store import open_store
 from proxy import wire
 from tests.conftest import PASSWORDS, PSQL, config_yaml, free_port
-from tests.e2e.test_cli import _wait_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    add_tokens,
+    api_call,
+    balance,
+    deny,
+    policy,
+    proxy_dsn,
+    review,
+    serve_extra,
+    serving,
+    write_policies,
+)
 from tests.rawclient import RawClient, bind, error_fields, execute, parse
 
-POLICY = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - name: writes
-        when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-        jit: {max_duration: 4h}
-      - name: schema changes
-        when: {kinds: [ddl]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-      - name: dangerous
-        when: {kinds: [destructive, privilege, admin, unknown]}
-        action: deny
-        message: not through pgvouch
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review(name="writes", jit="4h"), review("ddl", name="schema changes"),
+                deny(name="dangerous", message="not through pgvouch"))
 # The same, plus a deny for writes to events (loaded while a grant is running).
 POLICY_DENY_EVENTS = POLICY.replace(
     "      - name: writes\n",
@@ -75,21 +63,11 @@ class Served:
     log: Path
 
     def api(self, method: str, path: str, user: str, body: Any = None) -> tuple[int, Any]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}/api/v1{path}", data=data,
-                                         method=method)
-        request.add_header("Authorization", f"Bearer {TOKENS[user]}")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=15) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+        return api_call(self.api_port, method, f"/api/v1{path}", token=TOKENS[user], body=body,
+                        timeout=15)
 
     def dsn(self, user: str = "alice") -> str:
-        return (f"host=127.0.0.1 port={self.port} user={user} dbname=app "
-                f"password={PASSWORDS[user]} sslmode=disable")
+        return proxy_dsn(self.port, user)
 
     def psql(self, sql: str, *, retry: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         """alice's psql; in retry mode a statement that needs review fails at once with PV001."""
@@ -116,35 +94,17 @@ class Served:
 
 @pytest.fixture
 def served(pg, tmp_path: Path) -> Iterator[Served]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp_path / "policies", POLICY)
     port, api_port = free_port(), free_port()
-    extra = (f"policies: {policies}\n"
-             f"store: sqlite:///{tmp_path}/approvals.db\n"
-             "hold: {wait_timeout: 30s, heartbeat: 5s}\n"
-             "limits: {drain_timeout: 1s}\n")
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():
-        text = text.replace(f"  - name: {user}\n",
-                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
+    extra = serve_extra(policies, f"sqlite:///{tmp_path}/approvals.db", "wait_timeout: 30s, heartbeat: 5s")
     config = tmp_path / "pgvouch.yaml"
-    config.write_text(text)
+    config.write_text(add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS))
     log = tmp_path / "pgvouch.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
-                                stdout=subprocess.DEVNULL, stderr=sink)
-    try:
-        _wait_port(port, proc)
-        _wait_port(api_port, proc)
+    with serving(config, (port, api_port), log=log) as proc:
         yield Served(port, api_port, proc, policies, log)
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
-def _balance(pg, row: int) -> str:
-    return pg.psql(f"SELECT balance FROM accounts WHERE id = {row}").strip()
+_balance = balance
 
 
 def _request_from_psql(served: Served, sql: str) -> list[str]:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,6 @@ from typing import Any
 import asyncpg
 import pytest
 
-from approvals.auth import token_hash
 from approvals.model import statement_subject
 from proxy.preview import (
     _EXECUTE,
@@ -41,24 +39,21 @@ from proxy.preview import (
 from proxy.upstream import connect
 from proxy.wire import SYNC
 from tests.approvals.helpers import make_request
-from tests.conftest import PASSWORDS, PSQL, PgServer, config_yaml, free_port, make_settings
-from tests.e2e.test_cli import _wait_port
-from tests.e2e.test_review_flow import SECRET, TOKENS, Receiver, _api
+from tests.conftest import PASSWORDS, PgServer, config_yaml, free_port, make_settings
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    add_tokens,
+    api_call,
+    deny,
+    policy,
+    psql_popen,
+    review,
+    serving,
+    write_policies,
+)
+from tests.e2e.test_review_flow import SECRET, TOKENS, Receiver
 
-POLICY = """
-policies:
-  - name: prod-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write, ddl]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-      - when: {kinds: [destructive, privilege, admin, unknown]}
-        action: deny
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review("write, ddl"), deny(), name="prod-writes")
 
 SETUP = """
 CREATE TABLE IF NOT EXISTS preview_secret (id int);
@@ -80,13 +75,10 @@ class Served:
 
     def api(self, method: str, path: str, user: str = "bob", body: dict | None = None
             ) -> tuple[int, Any]:
-        return _api(self.api_port, method, path, user, body)
+        return api_call(self.api_port, method, path, token=TOKENS[user], body=body)
 
     def psql(self, sql: str) -> subprocess.Popen[str]:
-        dsn = (f"host=127.0.0.1 port={self.port} user=alice dbname=app "
-               f"password={PASSWORDS['alice']} sslmode=disable")
-        return subprocess.Popen([PSQL, "-X", "-At", "-d", dsn, "-c", sql],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return psql_popen(self.port, sql)
 
     def pending(self, timeout: float = 15) -> dict:
         deadline = time.time() + timeout
@@ -122,9 +114,7 @@ class Served:
 
 def _serve(pg: PgServer, tmp_path: Path, preview: str = "") -> Iterator[Served]:
     pg.psql(SETUP)
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp_path / "policies", POLICY)
     receiver = Receiver()
     port, api_port = free_port(), free_port()
     extra = (
@@ -136,24 +126,13 @@ def _serve(pg: PgServer, tmp_path: Path, preview: str = "") -> Iterator[Served]:
         "secret_env: PGV_TEST_WEBHOOK_SECRET}]}\n"
         f"{preview}"
     )
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():
-        text = text.replace(f"  - name: {user}\n",
-                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
     cfg = tmp_path / "pgvouch.yaml"
-    cfg.write_text(text)
+    cfg.write_text(add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS))
     log = tmp_path / "serve.log"
     env = dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET)
-    with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                                stdout=sink, stderr=sink, text=True, env=env)
-    try:
-        _wait_port(port, proc)
-        _wait_port(api_port, proc)  # the API starts after the proxy listens
+    # the API starts after the proxy listens
+    with serving(cfg, (port, api_port), log=log, log_stdout=True, env=env):
         yield Served(port, api_port, receiver, log)
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 @pytest.fixture

@@ -10,165 +10,62 @@ chain both processes extended verifies.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 
-from approvals.auth import token_hash
-from approvals.webhooks import verify
 from tests.approvals.conftest import pg_dsn
-from tests.conftest import PASSWORDS, PSQL, PgServer, config_yaml, free_port
+from tests.conftest import PgServer, config_yaml, free_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    Replica,
+    WebhookReceiver,
+    add_tokens,
+    audit_verify,
+    balance,
+    policy,
+    replica_pair,
+    review,
+    wait_for,
+    write_policies,
+)
 
-POLICY = """
-policies:
-  - name: app-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write], tables: ["events"]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}],
-                   expires_after: 2s}
-      - when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review(tables='"events"', expires_after="2s"), review())
 TOKENS = {"alice": "tok-alice-replicas-0123", "bob": "tok-bob-replicas-0123"}
 SECRET = "replica-webhook-secret"
 EXPIRING = 20
 POLL_INTERVAL = 30.0  # far above the latency the test allows: a release in time is NOTIFY's doing
 
 
-class Receiver:
+class Receiver(WebhookReceiver):
     """A webhook receiver on 127.0.0.1 recording every signed delivery (slow enough to overlap)."""
+
+    delay = 0.05
 
     def __init__(self) -> None:
         self.deliveries: list[tuple[str, dict[str, Any]]] = []  # (X-Pgvouch-Delivery, body)
-        self.bad_signatures = 0
-        self.port = free_port()
         self._lock = threading.Lock()
-        self._ready = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-        assert self._ready.wait(10)
+        super().__init__(SECRET)
 
-    def _run(self) -> None:
-        import asyncio
-
-        async def handle(request: web.Request) -> web.Response:
-            body = await request.read()
-            if not verify(SECRET, request.headers.get("X-Pgvouch-Signature"), body, time.time()):
-                self.bad_signatures += 1
-                return web.Response(status=401)
-            await asyncio.sleep(0.05)
-            with self._lock:
-                self.deliveries.append((request.headers["X-Pgvouch-Delivery"], json.loads(body)))
-            return web.Response(text="ok")
-
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/hook", handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            self._ready.set()
-            await asyncio.Event().wait()
-
-        asyncio.run(main())
+    def record(self, headers: Mapping[str, str], body: dict[str, Any]) -> None:
+        with self._lock:
+            self.deliveries.append((headers["X-Pgvouch-Delivery"], body))
 
     def events(self) -> list[tuple[str, str]]:
         with self._lock:
             return [(body["event"], body["request"]["id"]) for _, body in self.deliveries]
 
 
-class Replica:
-    """One `pgvouch serve` subprocess; its log goes to a file (a pipe could fill up and block it)."""
-
-    def __init__(self, name: str, config: Path, port: int, api_port: int, env: dict[str, str]) -> None:
-        self.name = name
-        self.config = config
-        self.port = port
-        self.api_port = api_port
-        self.log = config.with_suffix(".log")
-        with self.log.open("w") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
-                stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica {self.name} exited: {self.log.read_text()[-2000:]}")
-            if ("listening for store changes" in self.log.read_text()
-                    and _port_open(self.port) and _port_open(self.api_port)):
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"replica {self.name} did not become ready: {self.log.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: drain and stop
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-    def api(self, method: str, path: str, user: str = "bob", body: dict[str, Any] | None = None
-            ) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}/api/v1{path}", data=data,
-                                         method=method)
-        request.add_header("Authorization", f"Bearer {TOKENS[user]}")
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def psql(self, sql: str, *, retry: bool = False) -> subprocess.Popen[str]:
-        dsn = (f"host=127.0.0.1 port={self.port} user=alice dbname=app "
-               f"password={PASSWORDS['alice']} sslmode=disable")
-        if retry:
-            dsn += " options='-c pgvouch.hold=retry'"
-        return subprocess.Popen([PSQL, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-c", sql],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
-
-
-def _wait_for(what: Callable[[], Any], timeout: float = 20, step: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(step)
-    raise AssertionError("timed out waiting")
+_wait_for = partial(wait_for, timeout=20, step=0.05)
 
 
 class Cluster:
@@ -201,58 +98,29 @@ def _write_config(tmp_path: Path, pg: PgServer, name: str, receiver: Receiver) -
         f"notify: {{webhooks: [{{url: 'http://127.0.0.1:{receiver.port}/hook', "
         "secret_env: PGV_TEST_WEBHOOK_SECRET}]}\n"
     )
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():
-        text = text.replace(f"  - name: {user}\n",
-                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
+    text = add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS)
     config = tmp_path / f"replica-{name}.yaml"
     config.write_text(text)
     return config, port, api_port
 
 
-def _start(tmp_path: Path, pg: PgServer, name: str, receiver: Receiver, env: dict[str, str]) -> Replica:
-    for attempt in range(5):
-        config, port, api_port = _write_config(tmp_path, pg, name, receiver)
-        replica = Replica(name, config, port, api_port, env)
-        try:
-            replica.wait_ready()
-            return replica
-        except RuntimeError:
-            replica.stop()
-            if attempt == 4 or "in use" not in replica.log.read_text():
-                raise  # not a port some other process grabbed meanwhile
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture
 def cluster(pg: PgServer, tmp_path: Path) -> Iterator[Cluster]:
-    (tmp_path / "policies").mkdir()
-    (tmp_path / "policies" / "app.yaml").write_text(POLICY)
+    write_policies(tmp_path / "policies", POLICY)
     schema = f"pgvouch_r{uuid.uuid4().hex[:12]}"
     env = dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET,
                PGV_TEST_STORE=f"{pg_dsn(pg)}?schema={schema}")
     receiver = Receiver()
-    started: list[Replica] = []
-    try:
-        started.append(_start(tmp_path, pg, "a", receiver, env))
-        started.append(_start(tmp_path, pg, "b", receiver, env))
-        yield Cluster(started[0], started[1], receiver, env)
-    finally:
-        for replica in started:
-            replica.stop()
-        for replica in started:
-            assert replica.proc.returncode == 0, replica.log.read_text()[-2000:]
-        pg.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', database="postgres")
+    with replica_pair(pg, schema, lambda name: _write_config(tmp_path, pg, name, receiver),
+                      env, TOKENS) as (a, b):
+        yield Cluster(a, b, receiver, env)
 
 
-def _balance(pg: PgServer, account: int) -> str:
-    return pg.psql(f"SELECT balance FROM accounts WHERE id = {account}").strip()
+_balance = balance
 
 
 def _audit_verify(cluster: Cluster) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "audit", "verify", "--config", str(cluster.a.config)],
-        capture_output=True, text=True, env=cluster.env, timeout=60)
+    return audit_verify(cluster.a.config, cluster.env)
 
 
 def test_a_statement_held_on_a_is_released_within_a_second_of_approval_on_b(

@@ -8,130 +8,78 @@ import json
 import os
 import re
 import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
-from aiohttp import web
 
-from approvals.auth import token_hash
-from approvals.webhooks import sign, verify
-from tests.conftest import GROUPS, PASSWORDS, PSQL, config_yaml, free_port
-from tests.e2e.test_cli import _wait_port
+from approvals.webhooks import sign
+from tests.conftest import GROUPS, config_yaml, free_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    DANGEROUS,
+    WebhookReceiver,
+    add_tokens,
+    api_call,
+    deny,
+    policy,
+    psql_popen,
+    review,
+    serve_extra,
+    serving,
+    write_policies,
+)
 
-POLICY = """
-policies:
-  - name: prod-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write]}
-        action: review
-        message: Writes need a DBA
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-      - when: {kinds: [destructive, privilege, admin, unknown, ddl]}
-        action: deny
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review(message="Writes need a DBA"), deny(f"{DANGEROUS}, ddl"),
+                name="prod-writes")
 TOKENS = {"alice": "tok-alice-0123456789", "bob": "tok-bob-0123456789",
           "carol": "tok-carol-0123456789"}
 SECRET = "webhook-secret-abc"
 HOOK_SECRET = "inbound-secret-xyz"
 
 
-class Receiver:
+class Receiver(WebhookReceiver):
     """A webhook receiver on 127.0.0.1 that checks every signature."""
 
     def __init__(self) -> None:
         self.events: list[dict] = []
-        self.bad_signatures = 0
-        self.port = free_port()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
+        super().__init__(SECRET)
 
-    def _run(self) -> None:
-        import asyncio
-
-        async def handle(request: web.Request) -> web.Response:
-            body = await request.read()
-            if not verify(SECRET, request.headers.get("X-Pgvouch-Signature"), body, time.time()):
-                self.bad_signatures += 1
-                return web.Response(status=401)
-            self.events.append(json.loads(body))
-            return web.Response(text="ok")
-
-        async def main() -> None:
-            app = web.Application()
-            app.router.add_post("/hook", handle)
-            runner = web.AppRunner(app)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", self.port).start()
-            self._ready.set()
-            await asyncio.Event().wait()
-
-        asyncio.run(main())
+    def record(self, headers: Mapping[str, str], body: dict[str, Any]) -> None:
+        self.events.append(body)
 
 
 @pytest.fixture
 def served(pg, tmp_path: Path):
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp_path / "policies", POLICY)
     receiver = Receiver()
     port, api_port = free_port(), free_port()
     extra = (
-        f"policies: {policies}\n"
-        f"store: sqlite:///{tmp_path}/approvals.db\n"
-        "hold: {wait_timeout: 30s, heartbeat: 2s}\n"
-        "limits: {drain_timeout: 1s}\n"
-        f"notify: {{webhooks: [{{url: 'http://127.0.0.1:{receiver.port}/hook', "
+        serve_extra(policies, f"sqlite:///{tmp_path}/approvals.db", "wait_timeout: 30s, heartbeat: 2s")
+        + f"notify: {{webhooks: [{{url: 'http://127.0.0.1:{receiver.port}/hook', "
         "secret_env: PGV_TEST_WEBHOOK_SECRET}]}\n"
         "integrations: [{name: chatbot, secret_env: PGV_TEST_HOOK_SECRET, approvers: ['carol']}]\n"
     )
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():  # add each user's token hash
-        text = text.replace(f"  - name: {user}\n",
-                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
+    text = add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS)
     cfg = tmp_path / "pgvouch.yaml"
     cfg.write_text(text)
     env = dict(os.environ, PGV_TEST_WEBHOOK_SECRET=SECRET, PGV_TEST_HOOK_SECRET=HOOK_SECRET)
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    _wait_port(port, proc)
-    yield port, api_port, receiver, proc
-    proc.terminate()
-    proc.wait(20)
+    with serving(cfg, (port,), env=env) as proc:
+        yield port, api_port, receiver, proc
 
 
 def _api(api_port: int, method: str, path: str, user: str | None = None,
          body: dict | None = None, headers: dict | None = None, raw: bytes | None = None):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(f"http://127.0.0.1:{api_port}{path}", data=data, method=method)
-    if user:
-        request.add_header("Authorization", f"Bearer {TOKENS[user]}")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    for k, v in (headers or {}).items():
-        request.add_header(k, v)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+    return api_call(api_port, method, path, token=TOKENS[user] if user else None, body=body,
+                    raw=raw, headers=headers)
 
 
 def _held_psql(port: int, sql: str) -> subprocess.Popen[str]:
-    dsn = (f"host=127.0.0.1 port={port} user=alice dbname=app password={PASSWORDS['alice']} "
-           "sslmode=disable")
-    return subprocess.Popen([PSQL, "-X", "-At", "-d", dsn, "-c", sql],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return psql_popen(port, sql)
 
 
 def _pending(api_port: int, timeout: float = 10) -> dict:

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,49 +21,34 @@ import pytest
 
 from tests.approvals.fake_slack import SIGNING_SECRET, ThreadedFakeSlack, click, signed_headers
 from tests.approvals.test_email import Inbox, smtp_server
-from tests.conftest import PASSWORDS, PSQL, config_yaml, free_port
-from tests.e2e.test_cli import _wait_port
+from tests.conftest import PASSWORDS, config_yaml, free_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    add_user_fields,
+    policy,
+    post_slack_interaction,
+    psql_popen,
+    review,
+    serve_extra,
+    serving,
+    write_policies,
+)
+from tests.e2e.helpers import wait_for as _wait_for
 
-POLICY = """
-policies:
-  - name: prod-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write]}
-        action: review
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-defaults: {action: deny}
-"""
+POLICY = policy(ALLOW_READS, review(), name="prod-writes")
 SLACK_IDS = {"alice": "U0ALICE", "bob": "U0BOB", "carol": "U0CAROL"}
-
-
-def _wait_for(what: Callable[[], Any], timeout: float = 15) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting")
 
 
 @pytest.fixture
 def served(pg: Any, tmp_path: Path) -> Iterator[tuple[int, int, ThreadedFakeSlack, Inbox]]:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp_path / "policies", POLICY)
     fake = ThreadedFakeSlack()
     smtp_port = free_port()
     with smtp_server(smtp_port) as inbox:
         port, api_port = free_port(), free_port()
         extra = (
-            f"policies: {policies}\n"
-            f"store: sqlite:///{tmp_path}/approvals.db\n"
-            "hold: {wait_timeout: 30s, heartbeat: 2s}\n"
-            "limits: {drain_timeout: 1s}\n"
-            "notify:\n"
+            serve_extra(policies, f"sqlite:///{tmp_path}/approvals.db", "wait_timeout: 30s, heartbeat: 2s")
+            + "notify:\n"
             "  slack: {webhook_url_env: PGV_TEST_SLACK_URL, signing_secret_env: PGV_TEST_SLACK_SECRET,\n"
             "          channel: '#dba', response_url_hosts: [127.0.0.1]}\n"
             f"  email: {{smtp_host: 127.0.0.1, smtp_port: {smtp_port}, starttls: false,\n"
@@ -77,43 +58,25 @@ def served(pg: Any, tmp_path: Path) -> Iterator[tuple[int, int, ThreadedFakeSlac
         text = text.replace(f"api: {{host: 127.0.0.1, port: {api_port}}}",
                             f"api: {{host: 127.0.0.1, port: {api_port}, "
                             "public_url: 'https://pgvouch.example.com'}")
-        for user in PASSWORDS:
-            mapping = f"    email: {user}@example.com\n"
-            if user in SLACK_IDS:
-                mapping += f"    slack_id: {SLACK_IDS[user]}\n"
-            text = text.replace(f"  - name: {user}\n", f"  - name: {user}\n{mapping}")
+        text = add_user_fields(text, {
+            user: [f"email: {user}@example.com",
+                   *([f"slack_id: {SLACK_IDS[user]}"] if user in SLACK_IDS else [])]
+            for user in PASSWORDS})
         cfg = tmp_path / "pgvouch.yaml"
         cfg.write_text(text)
         env = dict(os.environ, PGV_TEST_SLACK_URL=fake.slack.webhook_url,
                    PGV_TEST_SLACK_SECRET=SIGNING_SECRET)
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(cfg)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        try:
-            _wait_port(port, proc)
+        with serving(cfg, (port,), env=env):
             yield port, api_port, fake, inbox
-        finally:
-            proc.terminate()
-            proc.wait(20)
 
 
-def _press(api_port: int, body: bytes, headers: dict[str, str]) -> int:
-    request = urllib.request.Request(f"http://127.0.0.1:{api_port}/api/v1/slack/interactions",
-                                     data=body, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
-    except urllib.error.HTTPError as exc:
-        return int(exc.code)
+_press = post_slack_interaction
 
 
 def test_a_slack_approval_releases_the_held_psql_statement(served: Any, pg: Any) -> None:
     port, api_port, fake, inbox = served
     pg.psql("UPDATE accounts SET balance = 40 WHERE id = 94")
-    dsn = (f"host=127.0.0.1 port={port} user=alice dbname=app password={PASSWORDS['alice']} "
-           "sslmode=disable")
-    sql = "UPDATE accounts SET balance = 0 WHERE id = 94"
-    psql = subprocess.Popen([PSQL, "-X", "-At", "-d", dsn, "-c", sql],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    psql = psql_popen(port, "UPDATE accounts SET balance = 0 WHERE id = 94")
     try:
         message = _wait_for(lambda: fake.slack.messages)[0]
         buttons = {e["action_id"]: e["value"] for b in message["blocks"] if b["type"] == "actions"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -28,9 +27,20 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from approvals.auth import token_hash
-from tests.conftest import PASSWORDS, PSQL, PgServer, config_yaml, free_port
-from tests.e2e.test_cli import _wait_port
+from tests.conftest import PgServer, config_yaml, free_port
+from tests.e2e.helpers import (
+    ALLOW_READS,
+    DANGEROUS,
+    add_tokens,
+    deny,
+    policy,
+    proxy_dsn,
+    psql_popen,
+    review,
+    serve_extra,
+    serving,
+    write_policies,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 # Flags this machine needs (closed network, root); playwright adds a fresh --user-data-dir itself.
@@ -39,25 +49,13 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 ROOT = Path(__file__).resolve().parents[2]
 TOKENS = {"alice": "pgv_web_alice_0123456789", "bob": "pgv_web_bob_0123456789",
           "carol": "pgv_web_carol_0123456789", "dave": "pgv_web_dave_0123456789"}
-POLICY = """
-policies:
-  - name: prod-writes
-    match: {resources: ["app"]}
-    rules:
-      - when: {kinds: [read, session]}
-        action: allow
-      - when: {kinds: [write], tables: ["events"]}
-        action: review
-        message: Writes to events need two reviewers
-        approval: {steps: [{name: Two reviewers, approvers: ["group:dba", "dave"], required: 2}]}
-      - when: {kinds: [write]}
-        action: review
-        message: Writes need a DBA
-        approval: {steps: [{name: DBA review, approvers: ["group:dba"], required: 1}]}
-      - when: {kinds: [destructive, privilege, admin, unknown, ddl]}
-        action: deny
-defaults: {action: deny}
-"""
+POLICY = policy(
+    ALLOW_READS,
+    review(tables='"events"', message="Writes to events need two reviewers",
+           approval='{steps: [{name: Two reviewers, approvers: ["group:dba", "dave"], required: 2}]}'),
+    review(message="Writes need a DBA"),
+    deny(f"{DANGEROUS}, ddl"),
+    name="prod-writes")
 
 @dataclass
 class Served:
@@ -72,11 +70,7 @@ class Served:
         return f"http://127.0.0.1:{self.api_port}"
 
     def hold_psql(self, sql: str) -> Held:
-        dsn = (f"host=127.0.0.1 port={self.port} user=alice dbname=app password={PASSWORDS['alice']} "
-               "sslmode=disable")
-        proc = subprocess.Popen([PSQL, "-X", "-At", "-d", dsn, "-c", sql],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        held = Held(proc=proc)
+        held = Held(proc=psql_popen(self.port, sql))
         self.held.append(held)
         return held
 
@@ -85,10 +79,8 @@ class Served:
         held = Held()
 
         def run() -> None:
-            dsn = (f"host=127.0.0.1 port={self.port} user=alice dbname=app "
-                   f"password={PASSWORDS['alice']} sslmode=disable")
             try:
-                with psycopg.connect(dsn, autocommit=True) as conn:
+                with psycopg.connect(proxy_dsn(self.port), autocommit=True) as conn:
                     conn.execute(sql, params)
                 held.error = None
             except psycopg.Error as exc:
@@ -145,34 +137,19 @@ class Held:
 @pytest.fixture(scope="module")
 def served(pg: PgServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("web")
-    policies = tmp / "policies"
-    policies.mkdir()
-    (policies / "app.yaml").write_text(POLICY)
+    policies = write_policies(tmp / "policies", POLICY)
     port, api_port = free_port(), free_port()
-    extra = (f"policies: {policies}\n"
-             f"store: sqlite:///{tmp}/approvals.db\n"
-             "hold: {wait_timeout: 60s, heartbeat: 2s}\n"
-             "limits: {drain_timeout: 1s}\n")
-    text = config_yaml(pg, port=port, api_port=api_port, extra=extra)
-    for user, token in TOKENS.items():
-        text = text.replace(f"  - name: {user}\n",
-                            f"  - name: {user}\n    api_token_sha256: {token_hash(token)}\n")
+    extra = serve_extra(policies, f"sqlite:///{tmp}/approvals.db", "wait_timeout: 60s, heartbeat: 2s")
     config = tmp / "pgvouch.yaml"
-    config.write_text(text)
+    config.write_text(add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS))
     log = tmp / "pgvouch.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
-                                stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-    served = Served(port, api_port, proc, log)
-    try:
-        _wait_port(port, proc)
-        _wait_port(api_port, proc)
-        yield served
-    finally:
-        for held in served.held:
-            held.stop()
-        proc.terminate()
-        proc.wait(20)
+    with serving(config, (port, api_port), log=log, log_stdout=True, cwd=ROOT) as proc:
+        served = Served(port, api_port, proc, log)
+        try:
+            yield served
+        finally:
+            for held in served.held:
+                held.stop()
 
 
 @pytest.fixture(scope="module")
