@@ -48,10 +48,25 @@ Caches
        result can depend on a literal only where PostgreSQL's reading
        looked at one (``set_config('role', ...)``); such results are kept
        out of this cache. Texts longer than 16 KiB are not cached.
+    3. *integer form* → the shape's result, for the proxy's hot path only
+       (``texts=False``): the text with every small integer literal
+       replaced by ``0``, so ``... WHERE aid = 17`` and ``... WHERE aid =
+       42`` are one key and a fresh literal skips PostgreSQL's normaliser
+       (a regular expression instead of a parse). A form is learnt from a
+       text only when PostgreSQL's lexer confirms that every replaced run
+       of digits is an integer constant token there (not part of a string,
+       a comment, an identifier, a parameter or a longer number). Runs are
+       1-9 ASCII digits bounded by whitespace, ``( ) , ; = < > + - * /`` or
+       the ends of the text; every lexer rule treats all decimal digits
+       alike, and those bounds start or end no token that a digit could
+       extend, so any text with the same form lexes identically, with
+       integer constants where the learnt text had them: the same
+       normalised key, hence the same shape.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -69,6 +84,12 @@ from policies.statements import statement_words
 TEXT_CACHE_SIZE = 4096
 SHAPE_CACHE_SIZE = 10_000
 MAX_CACHED_TEXT = 16 * 1024
+FORM_CACHE_SIZE = 4096
+# A run of 1-9 digits (an int4 constant whatever the digits) between bounds
+# that no lexer rule extends with a digit: see "Caches" above.
+_BOUND = r" \t\n\r(),;=<>+\-*/"
+_SMALL_INT = re.compile(rf"(?<![^{_BOUND}])[0-9]{{1,9}}(?![^{_BOUND}])")
+_integer_form = _SMALL_INT.sub
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,16 +149,21 @@ class _Entry:
 
 _TEXTS: LRU[str, _Entry] = LRU(TEXT_CACHE_SIZE)
 _SHAPES: LRU[str, _Entry] = LRU(SHAPE_CACHE_SIZE)
-# texts=False only: a text whose shape was already read maps to that shape's
-# entry (whose statement texts are another text's), so a repeated text skips
-# normalising; never consulted when the caller needs the texts.
-_BLIND: LRU[str, _Entry] = LRU(TEXT_CACHE_SIZE)
+# texts=False only (the proxy's hot path), never consulted when the caller
+# needs the texts: exact text → the entry last returned for it, which may be
+# its shape's (whose statement texts are another text's), so a repeated text
+# skips normalising; and integer form → the shape's entry (see "Caches"
+# above). Plain dicts, emptied when full: a hit is one lookup (and for a form
+# one regex substitution), with no lock or recency bookkeeping.
+_BLIND: dict[str, _Entry] = {}
+_FORMS: dict[str, _Entry] = {}
 
 
 def clear_caches() -> None:
     _TEXTS.clear()
     _SHAPES.clear()
     _BLIND.clear()
+    _FORMS.clear()
 
 
 def cache_stats() -> dict[str, int]:
@@ -148,6 +174,7 @@ def cache_stats() -> dict[str, int]:
         "shape_hits": _SHAPES.hits,
         "shape_misses": _SHAPES.misses,
         "shape_entries": len(_SHAPES),
+        "form_entries": len(_FORMS),
     }
 
 
@@ -201,11 +228,17 @@ def unknown(reason: str, text: str = "") -> Classification:
 
 def _lookup(sql: str, texts: bool = True) -> _Entry:
     cacheable = len(sql) <= MAX_CACHED_TEXT
+    if cacheable and not texts:
+        hit = _BLIND.get(sql)
+        if hit is None:
+            hit = _FORMS.get(_integer_form("0", sql))
+        if hit is not None:
+            return hit
     if cacheable:
         hit = _TEXTS.get(sql)
-        if hit is None and not texts:
-            hit = _BLIND.get(sql)
         if hit is not None:
+            if not texts:
+                _remember_blind(sql, hit)
             return hit
     try:
         if "\x00" in sql:
@@ -216,7 +249,8 @@ def _lookup(sql: str, texts: bool = True) -> _Entry:
     else:
         shaped = _SHAPES.get(key) if cacheable else None
         if shaped is not None and not texts:
-            _BLIND.put(sql, shaped)
+            if not _learn_form(sql, shaped):
+                _remember_blind(sql, shaped)
             return shaped
         retexted = _retexted(shaped, sql) if shaped is not None else None
         if retexted is not None:
@@ -225,9 +259,43 @@ def _lookup(sql: str, texts: bool = True) -> _Entry:
             entry = _read_message(sql)
             if cacheable and entry.shape_cacheable:
                 _SHAPES.put(key, entry)
+                _learn_form(sql, entry)
     if cacheable:
         _TEXTS.put(sql, entry)
     return entry
+
+
+def _remember_blind(sql: str, entry: _Entry) -> None:
+    if len(_BLIND) >= TEXT_CACHE_SIZE:
+        _BLIND.clear()
+    _BLIND[sql] = entry
+
+
+def _learn_form(sql: str, shaped: _Entry) -> bool:
+    """Remember ``sql``'s integer form for its shape's entry, if PostgreSQL's lexer agrees.
+
+    Every run the form replaces must be exactly one integer constant token
+    of ``sql`` (see "Caches" above). ASCII only, so the lexer's offsets are
+    character offsets. Returns whether the form is known now.
+    """
+    if not sql.isascii():
+        return False
+    form, replaced = _SMALL_INT.subn("0", sql)
+    if not replaced:
+        return False
+    if form in _FORMS:
+        return True
+    try:
+        constants = {(tok.start, tok.end + 1) for tok in pg_parser.scan(sql)
+                     if tok.name == "ICONST"}
+    except Exception:
+        return False
+    if any(match.span() not in constants for match in _SMALL_INT.finditer(sql)):
+        return False
+    if len(_FORMS) >= FORM_CACHE_SIZE:
+        _FORMS.clear()
+    _FORMS[form] = shaped
+    return True
 
 
 def _retexted(entry: _Entry, sql: str) -> _Entry | None:
