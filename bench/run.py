@@ -6,12 +6,16 @@ processes (``pgvouch serve``, each its own process, as users run it) in front
 of it: ``pgvouch`` relays only (no ``policies:``), ``pgvouch+policy`` loads
 the policy set in ``bench/policies/`` (or ``--policies DIR``) with a SQLite
 approvals/audit store. It runs pgbench select-only (simple, extended,
-prepared) and TPC-B-like at 1 and 16 clients against all four, and prints
-one table of tps, latency and the ratios pgvouch/direct, pgvouch/pgbouncer
-and pgvouch+policy/pgvouch. The targets of a cell are run back to back, in
-an order that rotates from cell to cell and round to round, so drift (cache
-warm-up, CPU frequency, autovacuum) hits all of them alike; 1-client cells
-pin every process to one CPU (see :class:`Placement`). Results also go to
+prepared) and TPC-B-like at 1 and 16 clients against all of them, and
+prints one table of tps, latency and the ratios pgvouch/direct,
+pgvouch/pgbouncer and pgvouch+policy/pgvouch. A fifth target, the *bare
+relay* (``bench/bare_relay.py``: uvloop Protocols forwarding bytes unread),
+shows what any Python relay on uvloop costs here before doing any work of
+its own: bare/pgbouncer is the ceiling of pgvouch/pgbouncer on this machine.
+The targets of a cell are run back to back, in an order that rotates from
+cell to cell and round to round, so drift (cache warm-up, CPU frequency,
+autovacuum) hits all of them alike; 1-client cells pin every process to
+one CPU (see :class:`Placement`). Results also go to
 ``bench/results/latest.json``.
 
 The targets the issues set are ratios from one run on the 2-core dev
@@ -71,8 +75,8 @@ POLICIES = REPO / "bench" / "policies"
 WRITER_ACCOUNT = "writer"  # pgvouch+policy's account for TPC-B-like; see bench/policies/bench.yaml
 SCALE = 10
 CLIENT_COUNTS = (1, 16)
-RELAY, POLICY = "pgvouch", "pgvouch+policy"
-TARGETS = ("direct", "pgbouncer", RELAY, POLICY)
+RELAY, POLICY, BARE = "pgvouch", "pgvouch+policy", "bare relay"
+TARGETS = ("direct", "pgbouncer", BARE, RELAY, POLICY)
 # Minimum pgvouch/pgbouncer tps ratio by client count, for select-only modes (issue #2).
 GOALS = {1: 0.8, 16: 0.9}
 # Minimum pgvouch+policy/pgvouch tps ratio by client count, for select-only modes (issue #3).
@@ -453,6 +457,23 @@ def start_pgvouch(
     return Target(name, port, CLIENT_USER, log=log, pid=proc.pid, write_dbname=write_dbname), proc
 
 
+def start_bare_relay(stack: contextlib.ExitStack, pg: LocalPostgres) -> Target:
+    """``bench/bare_relay.py`` in front of PostgreSQL: clients log in as the role itself."""
+    workdir = Path(tempfile.mkdtemp(prefix="pgvouch-bench-bare-"))
+    stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+    port = free_port()
+    log = workdir / "bare-relay.log"
+    with log.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "bare_relay.py"), str(port), str(pg.port)],
+            cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=log_file,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    stack.callback(stop_process, proc)
+    wait_accepting(port, proc, log, BARE)
+    return Target(BARE, port, ROLE, ROLE_PASSWORD, log=log, pid=proc.pid)
+
+
 def wait_ready(api_port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
     url = f"http://{HOST}:{api_port}/readyz"
     deadline = time.monotonic() + START_TIMEOUT
@@ -719,26 +740,29 @@ def _goal(goal: float | None, meets: bool | None) -> str:
 
 def render_table(cells: Sequence[Cell]) -> str:
     header = (
-        f"{'mode':<21} {'cli':>3} | {'tps direct':>10} {'pgbouncer':>9} {'pgvouch':>9} "
-        f"{POLICY:>14} | "
+        f"{'mode':<21} {'cli':>3} | {'tps direct':>10} {'pgbouncer':>9} {'bare':>6} "
+        f"{'pgvouch':>9} {POLICY:>14} | "
         f"{'lat ms dir':>10} {'pgbouncer':>9} {'pgvouch':>9} {'+policy':>8} | "
         f"{'vouch/dir':>9} {'vouch/bnc':>9} {'goal':>4} {'':<5} | "
+        f"{'bare/bnc':>8} {'vouch/bare':>10} | "
         f"{'policy/relay':>12} {'goal':>4} {'':<5} | "
-        f"{'cpu us/tx bnc':>13} {'vouch':>6} {'+policy':>7}"
+        f"{'cpu us/tx bnc':>13} {'bare':>5} {'vouch':>6} {'+policy':>7}"
     )
     lines = [header, "-" * len(header)]
     for cell in cells:
         t = cell.by_target
         lines.append(
             f"{cell.mode.name:<21} {cell.clients:>3} | "
-            f"{_tps(t['direct']):>10} {_tps(t['pgbouncer']):>9} {_tps(t[RELAY]):>9} "
-            f"{_tps(t[POLICY]):>14} | "
+            f"{_tps(t['direct']):>10} {_tps(t['pgbouncer']):>9} {_tps(t[BARE]):>6} "
+            f"{_tps(t[RELAY]):>9} {_tps(t[POLICY]):>14} | "
             f"{_latency(t['direct']):>10} {_latency(t['pgbouncer']):>9} "
             f"{_latency(t[RELAY]):>9} {_latency(t[POLICY]):>8} | "
             f"{_ratio(cell.ratio('direct')):>9} {_ratio(cell.ratio('pgbouncer')):>9} "
             f"{_goal(cell.goal, cell.meets_goal)} | "
+            f"{_ratio(cell.ratio('pgbouncer', of=BARE)):>8} {_ratio(cell.ratio(BARE)):>10} | "
             f"{_ratio(cell.policy_ratio):>12} {_goal(cell.policy_goal, cell.meets_policy_goal)} | "
-            f"{_cpu(t['pgbouncer']):>13} {_cpu(t[RELAY]):>6} {_cpu(t[POLICY]):>7}"
+            f"{_cpu(t['pgbouncer']):>13} {_cpu(t[BARE]):>5} {_cpu(t[RELAY]):>6} "
+            f"{_cpu(t[POLICY]):>7}"
         )
     return "\n".join(lines)
 
@@ -768,6 +792,8 @@ def cell_json(cell: Cell) -> dict[str, object]:
         "pgvouch_vs_pgbouncer": _rounded(cell.ratio("pgbouncer")),
         "goal_vs_pgbouncer": cell.goal,
         "meets_goal": cell.meets_goal,
+        "bare_vs_pgbouncer": _rounded(cell.ratio("pgbouncer", of=BARE)),
+        "pgvouch_vs_bare": _rounded(cell.ratio(BARE)),
         "policy_vs_relay": _rounded(cell.policy_ratio),
         "goal_policy_vs_relay": cell.policy_goal,
         "meets_policy_goal": cell.meets_policy_goal,
@@ -800,7 +826,7 @@ def write_results(path: Path, meta: dict[str, object], cells: Sequence[Cell]) ->
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="pgbench against PostgreSQL directly, pgbouncer (session mode), pgvouch "
-                    "(relay only) and pgvouch+policy.",
+                    "(relay only), pgvouch+policy and a bare uvloop relay (the Python ceiling).",
     )
     parser.add_argument("--quick", action="store_true",
                         help="a short run to check the setup: 3 s per target and cell, 1 round")
@@ -851,9 +877,11 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
         bouncer = start_pgbouncer(stack, pgbouncer, pg)
         vouch, vouch_proc = start_pgvouch(stack, pg, None)
         vouch_policy, _ = start_pgvouch(stack, pg, policies)
+        bare = start_bare_relay(stack, pg)
         if args.policies is None:
             check_policy_enforced(psql, vouch_policy)
-        targets = [Target("direct", pg.port, ROLE, ROLE_PASSWORD), bouncer, vouch, vouch_policy]
+        targets = [Target("direct", pg.port, ROLE, ROLE_PASSWORD), bouncer, bare, vouch,
+                   vouch_policy]
         print("warming up ...", file=sys.stderr)
         for target in targets:
             run_pgbench(pgbench, target, MODES[0], 2, 2 if args.quick else 5)
@@ -922,6 +950,8 @@ def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Ce
         f"goal (issue #3): {POLICY}/pgvouch tps (policy/relay) >= {POLICY_GOALS[16]}x at 16 "
         f"clients on every select-only mode; {policy_below} cell(s) BELOW. "
         f"Policies: {meta['policies']}.\n"
+        f"bare: {BARE} (bench/bare_relay.py, uvloop forwarding bytes unread); bare/bnc is "
+        "the ceiling of vouch/bnc for any Python relay on this machine.\n"
         f"{tpcb_note}\n"
         f"tps and latency are medians of {args.rounds} interleaved run(s) of "
         f"{meta['seconds_per_run']} s per target; cpu us/tx is the proxy process's own "

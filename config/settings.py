@@ -136,6 +136,21 @@ class PreviewSettings:
     timeout: float = 5.0  # statement_timeout of the EXPLAIN (the connection has its own limit)
 
 
+@dataclass(frozen=True)
+class FunctionSettings:
+    """``functions``: each resource's functions and their volatility, for the classifier.
+
+    With ``volatility`` on (the default), the proxy reads ``pg_proc`` of each
+    resource before its first session there and every ``refresh`` after
+    that: a read that calls a volatile function outside ``pg_catalog`` and
+    ``information_schema``, or a function the last read did not see, is a
+    write. Only takes effect with ``policies``.
+    """
+
+    volatility: bool = True
+    refresh: float = 60.0
+
+
 def _secret_from_env(variable: str, owner: str) -> str:
     value = os.environ.get(variable)
     if not value:
@@ -219,6 +234,7 @@ class Settings:
     webhooks: tuple[Webhook, ...] = ()
     integrations: tuple[Integration, ...] = ()
     preview: PreviewSettings = field(default_factory=PreviewSettings)
+    functions: FunctionSettings = field(default_factory=FunctionSettings)
     slack: SlackSettings | None = None
     email: EmailSettings | None = None
 
@@ -356,7 +372,7 @@ def _limits(node: Node | None) -> Limits:
 
 TOP_KEYS = (
     "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log", "policies",
-    "store", "store_env", "hold", "audit", "notify", "integrations", "preview",
+    "store", "store_env", "hold", "audit", "notify", "integrations", "preview", "functions",
 )
 EVENT_TYPES = (
     "request.created", "request.voted", "request.step_completed", "request.approved",
@@ -400,6 +416,19 @@ def _preview(node: Node | None) -> PreviewSettings:
         raise m["timeout"].error("timeout must be a duration between 1ms and 5m, such as 5s")
     return PreviewSettings(enabled=m["enabled"].bool() if "enabled" in m else d.enabled,
                            stale_after=stale_after, timeout=timeout)
+
+
+def _functions(node: Node | None) -> FunctionSettings:
+    d = FunctionSettings()
+    if node is None:
+        return d
+    m = node.mapping(("volatility", "refresh"))
+    refresh = m["refresh"].duration() if "refresh" in m else d.refresh
+    if not 1 <= refresh <= 24 * 3600:
+        raise m["refresh"].error("refresh must be a duration between 1s and 24h, such as 60s")
+    return FunctionSettings(
+        volatility=m["volatility"].bool() if "volatility" in m else d.volatility, refresh=refresh
+    )
 
 
 def _webhooks(node: Node | None) -> tuple[Webhook, ...]:
@@ -568,6 +597,7 @@ def settings_from_node(root: Node) -> Settings:
         store=store,
         hold=_hold(m.get("hold")),
         preview=_preview(m.get("preview")),
+        functions=_functions(m.get("functions")),
         audit_reads=audit_reads,
         webhooks=_webhooks(m.get("notify")),
         slack=_slack(m.get("notify")),

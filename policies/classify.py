@@ -183,6 +183,7 @@ def classify(
     *,
     prepared: Mapping[str, StatementInfo] | None = None,
     volatile_functions: frozenset[str] | None = None,
+    known_functions: frozenset[str] | None = None,
     standard_conforming_strings: bool = True,
     texts: bool = True,
 ) -> Classification:
@@ -191,7 +192,10 @@ def classify(
     ``prepared``: the session's SQL-level prepared statements (name → inner
     statement), for EXECUTE. ``volatile_functions``: lowercased names of
     volatile non-built-in functions of the resource; a read that calls one
-    becomes a write. ``standard_conforming_strings``: the server's current
+    becomes a write. ``known_functions``: when given, every function name of
+    the resource (bare and schema-qualified, lowercased); a read that calls a
+    function not in it becomes a write too (it may have been created since
+    the names were read). ``standard_conforming_strings``: the server's current
     value (ParameterStatus); when off, strings are lexed differently from
     the classifier and every statement is ``unknown``. ``texts=False`` (the
     proxy's hot path) may return a classification read from another text of
@@ -207,10 +211,13 @@ def classify(
         )
     entry = _lookup(sql, texts)
     needs_session = entry.has_execute and bool(prepared)
-    needs_volatility = bool(volatile_functions) and (entry.has_functions or needs_session)
+    needs_volatility = (bool(volatile_functions) or known_functions is not None) and (
+        entry.has_functions or needs_session
+    )
     if not needs_session and not needs_volatility:
         return entry.plain
-    return _finish(entry.statements, prepared or {}, volatile_functions or frozenset())
+    return _finish(entry.statements, prepared or {}, volatile_functions or frozenset(),
+                   known_functions)
 
 
 def combined(parts: Sequence[Classification]) -> Classification:
@@ -486,14 +493,26 @@ def _classification(statements: Sequence[StatementInfo]) -> Classification:
     return Classification(kind, tuple(statements), reason)
 
 
-def with_volatility(statement: StatementInfo, volatile: frozenset[str]) -> StatementInfo:
-    """``statement`` upgraded to a write if it reads and calls a volatile function."""
-    if not volatile or statement.kind not in (Kind.READ, Kind.SESSION):
+def with_volatility(
+    statement: StatementInfo, volatile: frozenset[str], known: frozenset[str] | None = None
+) -> StatementInfo:
+    """``statement`` upgraded to a write if it reads and calls a volatile function.
+
+    With ``known`` (see :func:`classify`), a function missing from it counts as volatile.
+    """
+    if (not volatile and known is None) or statement.kind not in (Kind.READ, Kind.SESSION):
         return statement
     called = [f for f in statement.functions if f in volatile or last_name(f) in volatile]
-    if not called:
-        return statement
-    reason = f"calls {called[0]}(), a volatile function of this resource"
+    if called:
+        reason = f"calls {called[0]}(), a volatile function of this resource"
+    else:
+        unseen = [] if known is None else [f for f in statement.functions if f not in known]
+        if not unseen:
+            return statement
+        reason = (
+            f"calls {unseen[0]}(), which is not among this resource's functions as pgvouch "
+            "last read them, so it may be volatile"
+        )
     return StatementInfo(
         Kind.WRITE,
         statement.tables,
@@ -539,14 +558,15 @@ def _finish(
     statements: Sequence[StatementInfo],
     prepared: Mapping[str, StatementInfo],
     volatile: frozenset[str],
+    known: frozenset[str] | None = None,
 ) -> Classification:
     session = dict(prepared)
     out: list[StatementInfo] = []
     for statement in statements:
-        current = with_volatility(statement, volatile)
+        current = with_volatility(statement, volatile, known)
         effect = current.effect
         if isinstance(effect, Prepare):
-            inner = with_volatility(effect.statement, volatile)
+            inner = with_volatility(effect.statement, volatile, known)
             current = _prepare_info(effect.name, inner, current.text)
             session[effect.name] = merge_prepared(session.get(effect.name), inner)
         elif isinstance(effect, Deallocate):
@@ -557,7 +577,7 @@ def _finish(
         if current.executes is not None:
             target = session.get(current.executes)
             if target is not None:
-                target = with_volatility(target, volatile)
+                target = with_volatility(target, volatile, known)
             current = _executed(current, target)
         out.append(current)
     return _classification(out)

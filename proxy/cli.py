@@ -56,6 +56,7 @@ async def run_proxy(
     from approvals.webhooks import DeliveryWorker
     from proxy.api import start_api
     from proxy.approval_hold import ApprovalReviewer
+    from proxy.function_catalog import FunctionCatalog
     from proxy.grant_command import GrantCommands
     from proxy.grant_sessions import GrantSessions
     from proxy.policy_decider import PolicyDecider, load_live_policies
@@ -108,7 +109,10 @@ async def run_proxy(
             grant_sessions.install()
             proxy.grants = grants
             reviewer = ApprovalReviewer(service, settings, auditor, on_grant_use=grant_sessions.watch)
-            proxy.decider = PolicyDecider(live, reviewer, auditor, GrantCommands(grants))
+            functions = FunctionCatalog(settings.functions) if settings.functions.volatility else None
+            proxy.functions = functions
+            proxy.decider = PolicyDecider(live, reviewer, auditor, GrantCommands(grants),
+                                          functions)
             tasks.append(loop.create_task(grant_sessions.run()))
             tasks.append(loop.create_task(live.watch()))
             tasks.append(loop.create_task(service.run_sweeper(settings.hold.sweep_interval)))

@@ -37,6 +37,7 @@ from proxy import scram, sqlstate, wire
 from proxy.console import Console, wants_console
 from proxy.decide import ALLOW, Decision, Hold, SessionInfo, Statement, Unit, deny
 from proxy.extended import ExtendedTracker, PreparedSql
+from proxy.function_catalog import CatalogError
 from proxy.inbox import Inbox
 from proxy.phases import Phase, advance
 from proxy.startup import StartupRefused, Target, changes_lexing, lexing_setting_is_safe, resolve
@@ -289,6 +290,15 @@ class ClientSession(asyncio.Protocol):
                 except UpstreamError as unreachable:
                     self.server.metrics_upstream_failure()
                     raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(unreachable)) from None
+                functions = self.server.functions
+                if functions is not None:
+                    # fail closed: without the resource's functions, a read calling a
+                    # volatile one could not be told from a plain read
+                    try:
+                        await functions.ensure(target.resource, target.account)
+                    except CatalogError as unread:
+                        upstream.protocol.close()
+                        raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(unread)) from None
             self.server.metrics_upstream_connected(upstream.connect_seconds)
             self._start_relay(target, upstream.protocol, upstream.parameters,
                               upstream.backend_pid, upstream.backend_secret)

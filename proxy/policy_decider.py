@@ -16,8 +16,9 @@ Must not: classify or evaluate itself (``policies`` does), or touch sockets.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -30,7 +31,7 @@ from policies.loader import load_policies, policy_files
 from policies.model import Action, PolicySet
 from policies.prepared import after_statement
 from proxy import sqlstate
-from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
+from proxy.decide import ALLOW, Decision, Hold, SessionInfo, Unit, deny
 from proxy.statement_audit import AuditedAllow, StatementAuditor, statement_event
 
 log = logging.getLogger("pgvouch.policy")
@@ -38,6 +39,8 @@ log = logging.getLogger("pgvouch.policy")
 _DECISION_CACHE = 4096
 # Not audited unless audit.reads is on: reads, and transaction/session control.
 _UNAUDITED = frozenset({Kind.READ, Kind.SESSION})
+# Statements that may create functions or change their volatility (see proxy.function_catalog).
+_MAY_CHANGE_FUNCTIONS = frozenset({Kind.DDL, Kind.UNKNOWN})
 
 
 class LivePolicies:
@@ -104,6 +107,38 @@ class Commands(Protocol):
     def intercept(self, session: SessionInfo, unit: Unit) -> Decision | None: ...
 
 
+class FunctionView(Protocol):
+    """A resource's functions for the classifier (``proxy.function_catalog.FunctionCatalog``)."""
+
+    def view(self, resource: str) -> tuple[frozenset[str], frozenset[str]] | None: ...
+    def note_change(self, resource: str) -> None: ...
+
+
+class _NotingHold:
+    """A hold that reports when its statement has run (it may have changed functions)."""
+
+    def __init__(self, inner: Hold, ran: Callable[[], None]) -> None:
+        self.inner = inner
+        self.ran = ran
+        self.heartbeat_interval = inner.heartbeat_interval
+
+    def start(self) -> Awaitable[Decision | str]:
+        return self.inner.start()
+
+    def outcome(self) -> Awaitable[Decision]:
+        return self.inner.outcome()
+
+    def heartbeat(self) -> str | None:
+        return self.inner.heartbeat()
+
+    def cancel(self, reason: str) -> None:
+        self.inner.cancel(reason)
+
+    def finished(self, ok: bool, error: str | None) -> None:
+        self.inner.finished(ok, error)
+        self.ran()
+
+
 def describe_steps(decision: PolicyDecision) -> str:
     return "; ".join(
         f"{step.name}: {step.required} of {', '.join(step.approvers)}" for step in decision.steps
@@ -112,16 +147,24 @@ def describe_steps(decision: PolicyDecision) -> str:
 
 class PolicyDecider:
     def __init__(self, policies: LivePolicies, reviewer: Reviewer | None = None,
-                 auditor: StatementAuditor | None = None, commands: Commands | None = None) -> None:
+                 auditor: StatementAuditor | None = None, commands: Commands | None = None,
+                 functions: FunctionView | None = None) -> None:
         self.policies = policies
         self.reviewer = reviewer
         self.auditor = auditor
         self.commands = commands  # pgvouch's own commands (pgvouch.request_access): looked at first
+        self.functions = functions  # each resource's functions, when volatility is looked up
         self._decisions: dict[tuple[object, ...], tuple[PolicySet, PolicyDecision]] = {}
         self._allowed: dict[int, tuple[Classification, PolicySet, tuple[object, ...]]] = {}
 
     def classify_unit(self, session: SessionInfo, unit: Unit) -> Classification:
         prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]
+        volatile: frozenset[str] | None = None
+        known: frozenset[str] | None = None
+        if self.functions is not None:
+            seen = self.functions.view(session.resource)
+            # never read (the session should not exist): every function call counts as volatile
+            volatile, known = seen if seen is not None else (frozenset(), frozenset())
         parts: list[Classification] = []
         for statement in unit.statements:
             if statement.sql is None:
@@ -129,7 +172,8 @@ class PolicyDecider:
                         else "an Execute of a portal the proxy cannot tell")
                 parts.append(unknown(f"{what} cannot be classified"))
                 continue
-            classification = classify(statement.sql, prepared=prepared, texts=False)
+            classification = classify(statement.sql, prepared=prepared, volatile_functions=volatile,
+                                      known_functions=known, texts=False)
             for info in classification.statements:
                 if info.effect is not None:
                     prepared = after_statement(prepared, info, confirmed=False)
@@ -154,6 +198,20 @@ class PolicyDecider:
 
     def decide(self, session: SessionInfo, unit: Unit) -> Decision:
         classification = self.classify_unit(session, unit)
+        result = self._decide(session, unit, classification)
+        functions = self.functions
+        # (a read or session statement is the strictest kind of its unit: nothing to look at)
+        if functions is not None and classification.kind not in _UNAUDITED \
+                and result.action != "deny" \
+                and any(s.kind in _MAY_CHANGE_FUNCTIONS for s in classification.statements):
+            resource = session.resource
+            functions.note_change(resource)
+            if result.hold is not None:
+                hold = _NotingHold(result.hold, lambda: functions.note_change(resource))
+                result = dataclasses.replace(result, hold=hold)
+        return result
+
+    def _decide(self, session: SessionInfo, unit: Unit, classification: Classification) -> Decision:
         auditor = self.auditor
         policy_set = self.policies.current
         identity = (session.user, session.groups, session.resource, session.account)
@@ -197,7 +255,7 @@ class PolicyDecider:
             return deny(
                 f"pgvouch: denied by {who}: {text}",
                 code=sqlstate.POLICY_DENIED,
-                detail=f"Statement kind: {kinds}. {decision.reason}",
+                detail=f"Statement kind: {kinds} ({classification.reason}). {decision.reason}",
                 policy=decision.policy,
             )
         if self.reviewer is not None:
@@ -206,7 +264,8 @@ class PolicyDecider:
             f'pgvouch: approval required by policy "{decision.policy}": '
             f"{decision.message or 'this statement needs review'}",
             code=sqlstate.APPROVAL_REQUIRED,
-            detail=f"Statement kind: {kinds}. Steps: {describe_steps(decision)}.",
+            detail=f"Statement kind: {kinds} ({classification.reason}). "
+                   f"Steps: {describe_steps(decision)}.",
             hint="This proxy has no approvals store configured, so the statement cannot be held.",
             policy=decision.policy,
         )

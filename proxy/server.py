@@ -29,6 +29,7 @@ from proxy.upstream import send_cancel
 
 if TYPE_CHECKING:
     from approvals.grants import GrantDesk
+    from proxy.function_catalog import FunctionCatalog
 
 log = logging.getLogger("pgvouch.server")
 
@@ -53,6 +54,8 @@ class ProxyServer:
         self.listener: asyncio.Server | None = None
         self.approvals: ApprovalService | None = None
         self.grants: GrantDesk | None = None  # JIT grant requests (API, psql), with policies
+        # each resource's functions, read before its first session (functions.volatility)
+        self.functions: FunctionCatalog | None = None
         self.draining = False
         self.started_at = time.time()
         self._total = 0

@@ -1,0 +1,214 @@
+"""proxy.function_catalog: reading, refreshing and the strict window after DDL.
+
+The reader is replaced by a function returning prepared rows, and the clock
+by a counter, so refresh timing is exact; reading a real pg_proc is covered
+end to end in tests/e2e/test_function_volatility.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from config.settings import Account, FunctionSettings, Resource
+from policies.classify import classify
+from policies.kinds import Kind
+from proxy.function_catalog import CatalogError, FunctionCatalog, Functions, functions_from_rows
+
+ROWS = [
+    ("pg_catalog", "now", "s"),
+    ("pg_catalog", "random", "v"),
+    ("pg_catalog", "count", "i"),
+    ("public", "wipe", "v"),
+    ("public", "answer", "s"),
+    ("app", "touch", "v"),
+]
+RESOURCE = Resource("db", "127.0.0.1", 5432, "db", "app", {"app": Account("app", "u")})
+ACCOUNT = RESOURCE.accounts["app"]
+
+
+def test_rows_become_names_bare_and_qualified() -> None:
+    functions = functions_from_rows(ROWS, 1.0)
+    assert functions.volatile == {"wipe", "public.wipe", "touch", "app.touch"}
+    assert functions.user == functions.volatile | {"answer", "public.answer"}
+    assert {"now", "pg_catalog.now", "random", "count", "app.touch"} <= functions.known
+    assert "random" not in functions.volatile  # built-in: side effects are listed statically
+
+
+def _classify(sql: str, functions: Functions, strict: bool = False) -> Kind:
+    volatile = functions.user if strict else functions.volatile
+    return classify(sql, volatile_functions=volatile, known_functions=functions.known).kind
+
+
+def test_what_the_classifier_makes_of_it() -> None:
+    functions = functions_from_rows(ROWS, 1.0)
+    assert _classify("SELECT now(), count(*), random() FROM t", functions) is Kind.READ
+    assert _classify("SELECT answer()", functions) is Kind.READ
+    assert _classify("SELECT wipe()", functions) is Kind.WRITE
+    assert _classify("SELECT app.touch()", functions) is Kind.WRITE
+    assert _classify("SELECT other.touch()", functions) is Kind.WRITE  # never seen: may be volatile
+    assert _classify("SELECT brand_new()", functions) is Kind.WRITE
+    assert _classify("SELECT answer()", functions, strict=True) is Kind.WRITE
+    result = classify("SELECT brand_new()", volatile_functions=functions.volatile,
+                      known_functions=functions.known)
+    assert "brand_new(), which is not among this resource's functions" in result.reason
+    # nothing to classify differently without function calls; DDL stays DDL
+    assert _classify("SELECT 1", functions) is Kind.READ
+    assert _classify("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                     functions) is Kind.DDL
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Reader:
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.calls = 0
+        self.fail = False
+        self.rows = list(ROWS)
+
+    async def __call__(self, resource: Resource, account: Account, started: float) -> Functions:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.fail:
+            raise CatalogError("permission denied for table pg_proc")
+        return functions_from_rows(self.rows, started)
+
+
+def _catalog(refresh: float = 60.0) -> tuple[FunctionCatalog, _Reader, _Clock]:
+    clock = _Clock()
+    reader = _Reader(clock)
+    catalog = FunctionCatalog(FunctionSettings(refresh=refresh), reader=reader, clock=clock)
+    return catalog, reader, clock
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_first_sessions_wait_for_one_read() -> None:
+    async def run() -> None:
+        catalog, reader, _ = _catalog()
+        assert catalog.view("db") is None
+        await asyncio.gather(*(catalog.ensure(RESOURCE, ACCOUNT) for _ in range(5)))
+        assert reader.calls == 1
+        view = catalog.view("db")
+        assert view is not None and "wipe" in view[0]
+
+    asyncio.run(run())
+
+
+def test_a_failed_first_read_refuses_and_the_next_session_tries_again() -> None:
+    async def run() -> None:
+        catalog, reader, _ = _catalog()
+        reader.fail = True
+        with pytest.raises(CatalogError, match="could not read the functions of resource 'db'"):
+            await catalog.ensure(RESOURCE, ACCOUNT)
+        assert catalog.view("db") is None
+        reader.fail = False
+        await catalog.ensure(RESOURCE, ACCOUNT)
+        assert catalog.view("db") is not None
+
+    asyncio.run(run())
+
+
+def test_any_reader_failure_is_a_catalog_error() -> None:
+    async def run() -> None:
+        async def broken(resource: Resource, account: Account, started: float) -> Functions:
+            raise KeyError("PGV_PASSWORD")
+
+        catalog = FunctionCatalog(FunctionSettings(), reader=broken)
+        with pytest.raises(CatalogError, match="PGV_PASSWORD"):
+            await catalog.ensure(RESOURCE, ACCOUNT)
+
+    asyncio.run(run())
+
+
+def test_names_are_read_again_after_refresh_and_a_failure_keeps_the_old_ones() -> None:
+    async def run() -> None:
+        catalog, reader, clock = _catalog(refresh=60)
+        await catalog.ensure(RESOURCE, ACCOUNT)
+        clock.now += 30
+        catalog.view("db")
+        await _settle()
+        assert reader.calls == 1
+        clock.now += 31
+        reader.rows.append(("public", "later", "v"))
+        catalog.view("db")  # stale: a read starts in the background
+        await _settle()
+        assert reader.calls == 2
+        view = catalog.view("db")
+        assert view is not None and "later" in view[0]
+        clock.now += 61
+        reader.fail = True
+        catalog.view("db")
+        await _settle()
+        assert reader.calls == 3
+        view = catalog.view("db")
+        assert view is not None and "later" in view[0]  # the last good read stays
+        catalog.view("db")
+        await _settle()
+        assert reader.calls == 3  # failures are retried after a pause, not on every statement
+        clock.now += 6
+        reader.fail = False
+        catalog.view("db")
+        await _settle()
+        assert reader.calls == 4
+
+    asyncio.run(run())
+
+
+def test_after_a_change_every_user_function_counts_as_volatile_until_a_later_read() -> None:
+    async def run() -> None:
+        catalog, reader, clock = _catalog(refresh=60)
+        await catalog.ensure(RESOURCE, ACCOUNT)
+        functions = functions_from_rows(ROWS, 0)
+        catalog.note_change("db")
+        view = catalog.view("db")
+        assert view is not None and view[0] == functions.user  # answer() is no longer a read
+        clock.now += 59
+        await _settle()
+        view = catalog.view("db")
+        assert view is not None and view[0] == functions.user
+        assert reader.calls == 1
+        clock.now += 2  # the window is over: a read starts, and only its result ends it
+        view = catalog.view("db")
+        assert view is not None and view[0] == functions.user
+        await _settle()
+        assert reader.calls == 2
+        view = catalog.view("db")
+        assert view is not None and view[0] == functions.volatile
+        catalog.note_change("other-resource")  # other resources are not affected
+        view = catalog.view("db")
+        assert view is not None and view[0] == functions.volatile
+
+    asyncio.run(run())
+
+
+def _settings(extra: str) -> FunctionSettings:
+    from config.settings import settings_from_node
+    from config.yamlnodes import load_text
+
+    text = ("resources:\n  - name: app\n    host: 127.0.0.1\n    database: app\n"
+            "    accounts: [{name: app, user: app}]\n" + extra)
+    return settings_from_node(load_text(text, "pgvouch.yaml")).functions
+
+
+def test_settings_default_to_looking_volatility_up() -> None:
+    from config.yamlnodes import ConfigError
+
+    assert _settings("") == FunctionSettings(volatility=True, refresh=60)
+    assert _settings("functions: {volatility: false, refresh: 5m}\n") == FunctionSettings(
+        volatility=False, refresh=300)
+    with pytest.raises(ConfigError, match="refresh must be a duration between 1s and 24h"):
+        _settings("functions: {refresh: 0s}\n")
+    with pytest.raises(ConfigError, match=r"pgvouch\.yaml:6"):
+        _settings("functions: {volatile: true}\n")
