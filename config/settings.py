@@ -144,11 +144,14 @@ class FunctionSettings:
     resource before its first session there and every ``refresh`` after
     that: a read that calls a volatile function outside ``pg_catalog`` and
     ``information_schema``, or a function the last read did not see, is a
-    write. Only takes effect with ``policies``.
+    write. ``user: all`` counts every function outside those schemas, not
+    only volatile ones (PostgreSQL lets a STABLE function call a VOLATILE
+    one). Only takes effect with ``policies``.
     """
 
     volatility: bool = True
     refresh: float = 60.0
+    user: str = "volatile"  # volatile | all
 
 
 def _secret_from_env(variable: str, owner: str) -> str:
@@ -422,12 +425,13 @@ def _functions(node: Node | None) -> FunctionSettings:
     d = FunctionSettings()
     if node is None:
         return d
-    m = node.mapping(("volatility", "refresh"))
+    m = node.mapping(("volatility", "refresh", "user"))
     refresh = m["refresh"].duration() if "refresh" in m else d.refresh
     if not 1 <= refresh <= 24 * 3600:
         raise m["refresh"].error("refresh must be a duration between 1s and 24h, such as 60s")
     return FunctionSettings(
-        volatility=m["volatility"].bool() if "volatility" in m else d.volatility, refresh=refresh
+        volatility=m["volatility"].bool() if "volatility" in m else d.volatility, refresh=refresh,
+        user=m["user"].choice(("volatile", "all")) if "user" in m else d.user,
     )
 
 

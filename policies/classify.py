@@ -60,8 +60,12 @@ Caches
        the ends of the text; every lexer rule treats all decimal digits
        alike, and those bounds start or end no token that a digit could
        extend, so any text with the same form lexes identically, with
-       integer constants where the learnt text had them: the same
-       normalised key, hence the same shape.
+       integer constants where the learnt text had them. Both readings
+       ignore integer values (sqlglot reads the neutral text; PostgreSQL's
+       reading looks only at string literals), so the result is the same.
+       Integers the normaliser keeps (``FETCH 5``, ``varchar(5)``) share a
+       form too; a value the server's grammar rejects there (``float(0)``)
+       fails the whole message upstream, so nothing runs.
 """
 
 from __future__ import annotations
@@ -184,6 +188,7 @@ def classify(
     prepared: Mapping[str, StatementInfo] | None = None,
     volatile_functions: frozenset[str] | None = None,
     known_functions: frozenset[str] | None = None,
+    volatile_relations: frozenset[str] | None = None,
     standard_conforming_strings: bool = True,
     texts: bool = True,
 ) -> Classification:
@@ -195,7 +200,10 @@ def classify(
     becomes a write. ``known_functions``: when given, every function name of
     the resource (bare and schema-qualified, lowercased); a read that calls a
     function not in it becomes a write too (it may have been created since
-    the names were read). ``standard_conforming_strings``: the server's current
+    the names were read). ``volatile_relations``: lowercased names (bare and
+    qualified) of relations whose reading runs such a function (a view that
+    calls one, a table whose row-level security does); a read that names one
+    becomes a write. ``standard_conforming_strings``: the server's current
     value (ParameterStatus); when off, strings are lexed differently from
     the classifier and every statement is ``unknown``. ``texts=False`` (the
     proxy's hot path) may return a classification read from another text of
@@ -211,13 +219,14 @@ def classify(
         )
     entry = _lookup(sql, texts)
     needs_session = entry.has_execute and bool(prepared)
-    needs_volatility = (bool(volatile_functions) or known_functions is not None) and (
-        entry.has_functions or needs_session
-    )
-    if not needs_session and not needs_volatility:
+    volatile = volatile_functions or frozenset()
+    relations = volatile_relations or frozenset()
+    # the cached result itself when nothing here changes it (the proxy's memo of
+    # allowed shapes is keyed by that object)
+    if not needs_session and not _volatility_applies(entry.statements, volatile,
+                                                     known_functions, relations):
         return entry.plain
-    return _finish(entry.statements, prepared or {}, volatile_functions or frozenset(),
-                   known_functions)
+    return _finish(entry.statements, prepared or {}, volatile, known_functions, relations)
 
 
 def combined(parts: Sequence[Classification]) -> Classification:
@@ -494,25 +503,34 @@ def _classification(statements: Sequence[StatementInfo]) -> Classification:
 
 
 def with_volatility(
-    statement: StatementInfo, volatile: frozenset[str], known: frozenset[str] | None = None
+    statement: StatementInfo, volatile: frozenset[str], known: frozenset[str] | None = None,
+    relations: frozenset[str] = frozenset(),
 ) -> StatementInfo:
     """``statement`` upgraded to a write if it reads and calls a volatile function.
 
-    With ``known`` (see :func:`classify`), a function missing from it counts as volatile.
+    With ``known`` (see :func:`classify`), a function missing from it counts as
+    volatile; a relation in ``relations`` runs one.
     """
-    if (not volatile and known is None) or statement.kind not in (Kind.READ, Kind.SESSION):
+    if (not volatile and known is None and not relations) \
+            or statement.kind not in (Kind.READ, Kind.SESSION):
         return statement
     called = [f for f in statement.functions if f in volatile or last_name(f) in volatile]
+    unseen = [] if known is None else [f for f in statement.functions if f not in known]
+    running = [t for t in statement.tables if t in relations or last_name(t) in relations]
     if called:
         reason = f"calls {called[0]}(), a volatile function of this resource"
-    else:
-        unseen = [] if known is None else [f for f in statement.functions if f not in known]
-        if not unseen:
-            return statement
+    elif unseen:
         reason = (
-            f"calls {unseen[0]}(), which is not among this resource's functions as pgvouch "
-            "last read them, so it may be volatile"
+            f"calls {unseen[0]}(), which pgvouch cannot vouch for: it is not among this "
+            "resource's functions as last read, or they may have changed since, so it may write"
         )
+    elif running:
+        reason = (
+            f"reads {running[0]}, which runs a function of this resource that may write "
+            "(a view that calls one, or row-level security that does)"
+        )
+    else:
+        return statement
     return StatementInfo(
         Kind.WRITE,
         statement.tables,
@@ -522,6 +540,21 @@ def with_volatility(
         statement.effect,
         statement.executes,
     )
+
+
+def _volatility_applies(statements: Sequence[StatementInfo], volatile: frozenset[str],
+                        known: frozenset[str] | None, relations: frozenset[str]) -> bool:
+    if not volatile and known is None and not relations:
+        return False
+    for statement in statements:
+        if with_volatility(statement, volatile, known, relations) is not statement:
+            return True
+        effect = statement.effect
+        if isinstance(effect, Prepare) and with_volatility(
+            effect.statement, volatile, known, relations
+        ) is not effect.statement:
+            return True
+    return False
 
 
 def merge_prepared(old: StatementInfo | None, new: StatementInfo) -> StatementInfo:
@@ -559,14 +592,15 @@ def _finish(
     prepared: Mapping[str, StatementInfo],
     volatile: frozenset[str],
     known: frozenset[str] | None = None,
+    relations: frozenset[str] = frozenset(),
 ) -> Classification:
     session = dict(prepared)
     out: list[StatementInfo] = []
     for statement in statements:
-        current = with_volatility(statement, volatile, known)
+        current = with_volatility(statement, volatile, known, relations)
         effect = current.effect
         if isinstance(effect, Prepare):
-            inner = with_volatility(effect.statement, volatile, known)
+            inner = with_volatility(effect.statement, volatile, known, relations)
             current = _prepare_info(effect.name, inner, current.text)
             session[effect.name] = merge_prepared(session.get(effect.name), inner)
         elif isinstance(effect, Deallocate):
@@ -577,7 +611,7 @@ def _finish(
         if current.executes is not None:
             target = session.get(current.executes)
             if target is not None:
-                target = with_volatility(target, volatile, known)
+                target = with_volatility(target, volatile, known, relations)
             current = _executed(current, target)
         out.append(current)
     return _classification(out)

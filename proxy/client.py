@@ -299,6 +299,9 @@ class ClientSession(asyncio.Protocol):
                     except CatalogError as unread:
                         upstream.protocol.close()
                         raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(unread)) from None
+                    except BaseException:  # timed out, or the client went away meanwhile
+                        upstream.protocol.close()
+                        raise
             self.server.metrics_upstream_connected(upstream.connect_seconds)
             self._start_relay(target, upstream.protocol, upstream.parameters,
                               upstream.backend_pid, upstream.backend_secret)

@@ -1,27 +1,37 @@
-"""Each resource's functions and their volatility, read from ``pg_proc`` for the classifier.
+"""Each resource's functions and their volatility, read from the catalog for the classifier.
 
-Owns: reading every function name of a resource with its volatility and
-whether it lives in a system schema (``pg_catalog``, ``information_schema``),
-on a separate upstream connection as the session's account; keeping the
-result per resource, read again every ``functions.refresh``; and what the
-classifier gets for a session (``view``): the names of volatile functions
-outside the system schemas, and every known name. A read that calls a
-volatile non-built-in function, or one the last read did not see (created
-since), is then a write.
+Owns: reading, on a separate upstream connection as the session's account,
+every function of a resource (name, whether a call may write, whether it is
+a system function) and the relations whose reading runs one of ours (views
+that call one, directly or through other views, and tables whose row-level
+security policies do); keeping that per resource, read again every
+``functions.refresh``; and what the classifier gets for a session
+(``view``). With it, a read is a write when it calls a volatile function
+outside ``pg_catalog``/``information_schema`` (``functions.user: all``:
+any function there), an aggregate whose support functions are volatile, a
+function the last read did not see, or reads such a relation.
 
 Fail closed: a resource's functions are read before its first session is
 let in (``ensure``); when that read fails the session is refused, since
 function calls could not be told apart. A failed refresh keeps the names
 read before and is retried. After a statement that may change functions
-(DDL, or something the classifier cannot read, such as DO or CALL) is
-let through or has run, every function outside the system schemas counts
-as volatile on that resource until a read that started ``refresh`` seconds
-later has finished: ``ALTER FUNCTION f() VOLATILE`` cannot make ``SELECT
-f()`` pass as a read in between. A DDL whose transaction commits later than
-that is seen by the next periodic read.
+(DDL, or something the classifier cannot read, such as DO or CALL) is let
+through or has run, no function call is vouched for and every view or
+table with row-level security of ours counts as running one, on that
+resource, until a read that started ``SETTLE`` after the last such event
+has finished; the session that sent it stays that strict for good, and
+every later statement of it counts as such an event (its changes reach the
+catalog's connection only when its transaction commits).
+
+Known limits: a function reached only through an operator, a cast, a
+domain's CHECK, attribute notation (``t.f``) or a default argument is not
+seen; a cursor declared before a change runs the function as it is when
+fetched; another pgvouch replica learns of a change at its next refresh.
+PostgreSQL lets a STABLE function call a VOLATILE one: ``functions.user:
+all`` counts every function of ours.
 
 Must not: classify (``policies.classify`` does), decide, or send anything
-but the fixed catalog query below.
+but the fixed catalog queries below.
 """
 
 from __future__ import annotations
@@ -36,18 +46,57 @@ from dataclasses import dataclass
 
 from config.settings import Account, FunctionSettings, Resource
 from proxy import wire
-from proxy.upstream import UpstreamError, connect
+from proxy.upstream import Upstream, UpstreamError, connect
 
 log = logging.getLogger("pgvouch.functions")
 
 APPLICATION_NAME = "pgvouch function catalog"
-SYSTEM_SCHEMAS = ("pg_catalog", "information_schema")
-LOOKUP_SQL = (
-    "SELECT lower(n.nspname), lower(p.proname), p.provolatile::text "
-    "FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace"
+_SYSTEM = "('pg_catalog', 'information_schema')"
+# Every function: schema, name (as stored: lowercased here the way the classifier
+# lowercases identifiers), whether a call may write, whether it is a system function.
+# An aggregate counts as volatile when one of its support functions is (PostgreSQL
+# stores aggregates as immutable whatever their step functions do).
+FUNCTIONS_SQL = f"""
+SELECT n.nspname, p.proname,
+       (p.provolatile = 'v' OR EXISTS (
+          SELECT 1 FROM pg_catalog.pg_aggregate a
+          JOIN pg_catalog.pg_proc s ON s.oid IN (a.aggtransfn, a.aggfinalfn, a.aggcombinefn,
+               a.aggserialfn, a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn)
+          WHERE a.aggfnoid = p.oid AND s.provolatile = 'v'))::text,
+       (n.nspname IN {_SYSTEM})::text
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+"""
+# Relations whose reading runs a function of our own: views (through their rewrite
+# rules, transitively through other views) and tables whose row-level security
+# policies call one. {calls} selects the functions that count (volatile ones, or all).
+RELATIONS_SQL = """
+WITH RECURSIVE counted AS (
+  SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname NOT IN {system} AND {calls}
+), rel(oid) AS (
+  SELECT r.ev_class FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
+  WHERE d.classid = 'pg_catalog.pg_rewrite'::regclass
+    AND d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid IN (SELECT oid FROM counted)
+  UNION
+  SELECT pol.polrelid FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_policy pol ON pol.oid = d.objid
+  WHERE d.classid = 'pg_catalog.pg_policy'::regclass
+    AND d.refclassid = 'pg_catalog.pg_proc'::regclass AND d.refobjid IN (SELECT oid FROM counted)
+  UNION
+  SELECT r.ev_class FROM rel
+  JOIN pg_catalog.pg_depend d ON d.refclassid = 'pg_catalog.pg_class'::regclass
+   AND d.refobjid = rel.oid AND d.classid = 'pg_catalog.pg_rewrite'::regclass
+  JOIN pg_catalog.pg_rewrite r ON r.oid = d.objid
 )
-STATEMENT_TIMEOUT = 10.0  # seconds the catalog query may run
+SELECT n.nspname, c.relname, 'runs' FROM rel
+JOIN pg_catalog.pg_class c ON c.oid = rel.oid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+UNION ALL
+SELECT n.nspname, c.relname, 'may' FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname NOT IN {system} AND (c.relkind = 'v' OR c.relrowsecurity)
+"""
+STATEMENT_TIMEOUT = 10.0  # seconds each catalog query may run
 RETRY_AFTER = 5.0  # seconds between attempts when a refresh fails
+SETTLE = 1.0  # seconds after the last change before a read can end the strict window
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 
@@ -58,28 +107,50 @@ class CatalogError(Exception):
 
 @dataclass(frozen=True)
 class Functions:
-    """One read of a resource's functions (names lowercased, bare and schema-qualified)."""
+    """One read of a resource's functions and relations (names lowercased, bare and qualified)."""
 
-    volatile: frozenset[str]  # volatile, outside the system schemas
+    volatile: frozenset[str]  # calls that make a read a write (outside the system schemas)
     user: frozenset[str]  # every function outside the system schemas
     known: frozenset[str]  # every function
+    runs: frozenset[str]  # relations whose reading runs a counted function
+    may_run: frozenset[str]  # every view and every table with row-level security (ours)
     started_at: float  # when the read began (monotonic clock)
 
 
-def functions_from_rows(rows: Iterable[tuple[str, str, str]], started_at: float) -> Functions:
-    """``rows`` of (schema, name, provolatile) as :data:`LOOKUP_SQL` returns them."""
+def _names(schema: str, name: str) -> tuple[str, str]:
+    # the classifier lowercases identifiers with str.lower(); so must the catalog
+    # (PostgreSQL's lower() on type name only folds ASCII)
+    return name.lower(), f"{schema.lower()}.{name.lower()}"
+
+
+def functions_from_rows(rows: Iterable[tuple[str, str, str, str]],
+                        relations: Iterable[tuple[str, str, str]] = (), *,
+                        started_at: float, count_all: bool = False) -> Functions:
+    """Rows as :data:`FUNCTIONS_SQL` and :data:`RELATIONS_SQL` return them.
+
+    ``count_all``: every function outside the system schemas counts as one that
+    may write (``functions.user: all``), not only volatile ones.
+    """
     volatile: set[str] = set()
     user: set[str] = set()
     known: set[str] = set()
-    for schema, name, volatility in rows:
-        names = (name, f"{schema}.{name}")
+    for schema, name, writes, system in rows:
+        names = _names(schema, name)
         known.update(names)
-        if schema in SYSTEM_SCHEMAS:
+        if system == "true":
             continue
         user.update(names)
-        if volatility == "v":
+        if count_all or writes == "true":
             volatile.update(names)
-    return Functions(frozenset(volatile), frozenset(user), frozenset(known), started_at)
+    runs: set[str] = set()
+    may_run: set[str] = set()
+    for schema, name, what in relations:
+        names = _names(schema, name)
+        may_run.update(names)
+        if what == "runs":
+            runs.update(names)
+    return Functions(frozenset(volatile), frozenset(user), frozenset(known), frozenset(runs),
+                     frozenset(may_run), started_at)
 
 
 def _columns(body: bytes) -> list[str | None]:
@@ -102,40 +173,57 @@ def _error_text(body: bytes) -> str:
     return fields.get("M", "unknown error")
 
 
-async def read_functions(resource: Resource, account: Account, started_at: float) -> Functions:
-    """Run :data:`LOOKUP_SQL` on a fresh upstream connection as ``account``."""
+async def _rows(upstream: Upstream, sql: str, width: int, budget: float) -> list[tuple[str, ...]]:
+    upstream.protocol.write(wire.query(sql))
+    rows: list[tuple[str, ...]] = []
+    error: str | None = None
+    async with asyncio.timeout(budget):
+        while True:
+            kind, body = await upstream.protocol.inbox.read_message()
+            if kind == ord("Z"):
+                break
+            if kind == ord("D"):
+                values = _columns(body)
+                if len(values) != width or any(v is None for v in values):
+                    raise ValueError("unexpected row from the catalog query")
+                rows.append(tuple(v for v in values if v is not None))
+            elif kind == ord("E") and error is None:
+                error = _error_text(body)
+    if error is not None:
+        raise CatalogError(f"reading pg_proc failed: {error}")
+    return rows
+
+
+async def read_functions(resource: Resource, account: Account, started_at: float,
+                         count_all: bool = False) -> Functions:
+    """Run the catalog queries on a fresh upstream connection as ``account``."""
     params = {"application_name": APPLICATION_NAME,
               "statement_timeout": str(int(STATEMENT_TIMEOUT * 1000))}
     try:
         upstream = await connect(resource, account, params)
     except UpstreamError as exc:
         raise CatalogError(str(exc)) from None
-    rows: list[tuple[str, str, str]] = []
-    error: str | None = None
+    calls = "true" if count_all else "p.provolatile = 'v'"
+    budget = STATEMENT_TIMEOUT + resource.connect_timeout
     try:
-        upstream.protocol.write(wire.query(LOOKUP_SQL))
-        async with asyncio.timeout(STATEMENT_TIMEOUT + resource.connect_timeout):
-            while True:
-                kind, body = await upstream.protocol.inbox.read_message()
-                if kind == ord("Z"):
-                    break
-                if kind == ord("D"):
-                    schema, name, volatility = _columns(body)
-                    if schema is not None and name is not None and volatility is not None:
-                        rows.append((schema, name, volatility))
-                elif kind == ord("E") and error is None:
-                    error = _error_text(body)
+        functions = await _rows(upstream, FUNCTIONS_SQL, 4, budget)
+        relations = await _rows(upstream, RELATIONS_SQL.format(system=_SYSTEM, calls=calls), 3,
+                                budget)
     except (OSError, TimeoutError, wire.ProtocolError, ValueError, struct.error) as exc:
         why = "no answer in time" if isinstance(exc, TimeoutError) else str(exc) or "lost"
         raise CatalogError(f"reading pg_proc failed: {why}") from None
     finally:
         upstream.protocol.close()
-    if error is not None:
-        raise CatalogError(f"reading pg_proc failed: {error}")
-    return functions_from_rows(rows, started_at)
+    return functions_from_rows(
+        [(r[0], r[1], r[2], r[3]) for r in functions], [(r[0], r[1], r[2]) for r in relations],
+        started_at=started_at, count_all=count_all,
+    )
 
 
-Reader = Callable[[Resource, Account, float], Awaitable[Functions]]
+Reader = Callable[[Resource, Account, float, bool], Awaitable[Functions]]
+# What the classifier gets: (volatile functions, known functions, relations that run them)
+View = tuple[frozenset[str], frozenset[str], frozenset[str]]
+_EVERY_CALL: frozenset[str] = frozenset()  # as "known": no function is vouched for
 
 
 def _retrieve(task: asyncio.Task[Functions]) -> None:
@@ -149,6 +237,7 @@ class FunctionCatalog:
     def __init__(self, settings: FunctionSettings, reader: Reader = read_functions,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.refresh = settings.refresh
+        self.count_all = settings.user == "all"
         self._reader = reader
         self._clock = clock
         self._functions: dict[str, Functions] = {}
@@ -171,8 +260,14 @@ class FunctionCatalog:
                 f"needs to classify function calls: {exc}"
             ) from None
 
-    def view(self, resource: str) -> tuple[frozenset[str], frozenset[str]] | None:
-        """(volatile, known) names for the classifier, or None when never read."""
+    def view(self, resource: str) -> View | None:
+        """What the classifier gets for a session on ``resource``; None when never read.
+
+        Normally the volatile functions, every known function and the relations
+        that run a volatile one. While a change may be in flight (see the module
+        doc), no function call is vouched for and every view or table with
+        row-level security of ours counts as running one.
+        """
         functions = self._functions.get(resource)
         if functions is None:
             return None
@@ -180,15 +275,27 @@ class FunctionCatalog:
         if now - functions.started_at >= self.refresh:
             self._refresh_soon(resource, now)
         changed = self._changed_at.get(resource)
-        if changed is not None and functions.started_at < changed + self.refresh:
-            if now >= changed + self.refresh:
+        if changed is not None and functions.started_at < changed + SETTLE:
+            if now >= changed + SETTLE:
                 self._refresh_soon(resource, now)
-            return functions.user, functions.known  # every user function may be volatile now
-        return functions.volatile, functions.known
+            return functions.volatile, _EVERY_CALL, functions.may_run | functions.runs
+        return functions.volatile, functions.known, functions.runs
+
+    def strict(self, resource: str) -> View:
+        """The view while a change may be in flight, whatever the catalog says (a session
+        that changed functions itself, see ``proxy.policy_decider``)."""
+        functions = self._functions.get(resource)
+        if functions is None:
+            return frozenset(), _EVERY_CALL, frozenset()
+        return functions.volatile, _EVERY_CALL, functions.may_run | functions.runs
 
     def note_change(self, resource: str) -> None:
         """A statement that may create or change functions was let through or has run."""
-        self._changed_at[resource] = self._clock()
+        now = self._clock()
+        self._changed_at[resource] = now
+        with contextlib.suppress(RuntimeError):  # no running loop (tests): view() reads later
+            asyncio.get_running_loop().call_later(SETTLE + 0.05, self._refresh_soon, resource,
+                                                  now + SETTLE)
 
     # -- reading ------------------------------------------------------------------------
     def _refresh_soon(self, resource: str, now: float) -> None:
@@ -210,7 +317,7 @@ class FunctionCatalog:
         started = self._clock()
         try:
             try:
-                functions = await self._reader(login[0], login[1], started)
+                functions = await self._reader(login[0], login[1], started, self.count_all)
             except CatalogError:
                 raise
             except Exception as exc:  # e.g. the account's password is not configured
@@ -226,6 +333,7 @@ class FunctionCatalog:
         finally:
             self._loading.pop(name, None)
         self._functions[name] = functions
-        log.info("functions of resource %s read: %d names, %d volatile outside the system schemas",
-                 name, len(functions.known), len(functions.volatile))
+        log.info("functions of resource %s read: %d names, %d that may write, %d relations "
+                 "that call them", name, len(functions.known), len(functions.volatile),
+                 len(functions.runs))
         return functions

@@ -107,10 +107,17 @@ class Commands(Protocol):
     def intercept(self, session: SessionInfo, unit: Unit) -> Decision | None: ...
 
 
+# (volatile functions, known functions, relations that run volatile functions)
+FunctionFacts = tuple[frozenset[str], frozenset[str], frozenset[str]]
+_NO_FACTS: FunctionFacts = (frozenset(), frozenset(), frozenset())  # every function call may write
+_CHANGED = "functions_changed"  # session.state: this session let through DDL, DO or CALL
+
+
 class FunctionView(Protocol):
     """A resource's functions for the classifier (``proxy.function_catalog.FunctionCatalog``)."""
 
-    def view(self, resource: str) -> tuple[frozenset[str], frozenset[str]] | None: ...
+    def view(self, resource: str) -> FunctionFacts | None: ...
+    def strict(self, resource: str) -> FunctionFacts: ...
     def note_change(self, resource: str) -> None: ...
 
 
@@ -161,10 +168,14 @@ class PolicyDecider:
         prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]
         volatile: frozenset[str] | None = None
         known: frozenset[str] | None = None
-        if self.functions is not None:
-            seen = self.functions.view(session.resource)
-            # never read (the session should not exist): every function call counts as volatile
-            volatile, known = seen if seen is not None else (frozenset(), frozenset())
+        relations: frozenset[str] | None = None
+        functions = self.functions
+        if functions is not None:
+            # a session that changed functions itself cannot be vouched for by any read
+            # of the catalog; a resource never read (no session should exist) neither
+            seen = (functions.strict(session.resource) if _CHANGED in session.state
+                    else functions.view(session.resource))
+            volatile, known, relations = seen if seen is not None else _NO_FACTS
         parts: list[Classification] = []
         for statement in unit.statements:
             if statement.sql is None:
@@ -173,7 +184,8 @@ class PolicyDecider:
                 parts.append(unknown(f"{what} cannot be classified"))
                 continue
             classification = classify(statement.sql, prepared=prepared, volatile_functions=volatile,
-                                      known_functions=known, texts=False)
+                                      known_functions=known, volatile_relations=relations,
+                                      texts=False)
             for info in classification.statements:
                 if info.effect is not None:
                     prepared = after_statement(prepared, info, confirmed=False)
@@ -200,15 +212,22 @@ class PolicyDecider:
         classification = self.classify_unit(session, unit)
         result = self._decide(session, unit, classification)
         functions = self.functions
+        if functions is None or result.action == "deny":
+            return result
         # (a read or session statement is the strictest kind of its unit: nothing to look at)
-        if functions is not None and classification.kind not in _UNAUDITED \
-                and result.action != "deny" \
-                and any(s.kind in _MAY_CHANGE_FUNCTIONS for s in classification.statements):
-            resource = session.resource
-            functions.note_change(resource)
-            if result.hold is not None:
-                hold = _NotingHold(result.hold, lambda: functions.note_change(resource))
-                result = dataclasses.replace(result, hold=hold)
+        changes = classification.kind not in _UNAUDITED and any(
+            s.kind in _MAY_CHANGE_FUNCTIONS for s in classification.statements)
+        if changes:
+            session.state[_CHANGED] = True
+        elif _CHANGED not in session.state:
+            return result
+        # What this session changed becomes visible to the catalog's connection when
+        # its transaction commits: every statement it sends keeps the window open.
+        resource = session.resource
+        functions.note_change(resource)
+        if result.hold is not None:
+            hold = _NotingHold(result.hold, lambda: functions.note_change(resource))
+            result = dataclasses.replace(result, hold=hold)
         return result
 
     def _decide(self, session: SessionInfo, unit: Unit, classification: Classification) -> Decision:

@@ -21,6 +21,7 @@ from config.settings import FunctionSettings
 from proxy.function_catalog import FunctionCatalog
 from proxy.policy_decider import PolicyDecider, load_live_policies
 from tests.conftest import GROUPS, PSQL
+from tests.e2e.helpers import wait_for
 
 POLICY = """
 policies:
@@ -46,9 +47,32 @@ CREATE OR REPLACE FUNCTION vol_answer() RETURNS int LANGUAGE sql STABLE AS $$ SE
 CREATE OR REPLACE FUNCTION vol_later() RETURNS int LANGUAGE sql STABLE AS $$ SELECT 7 $$;
 ALTER FUNCTION vol_later() OWNER TO pgv_scram;  -- the account alice's sessions log in as
 DROP FUNCTION IF EXISTS vol_new();
+CREATE OR REPLACE VIEW vol_view AS SELECT vol_wipe() AS wiped;
+CREATE OR REPLACE VIEW vol_view2 AS SELECT * FROM vol_view;
+GRANT SELECT ON vol_view, vol_view2 TO PUBLIC;
+DROP TABLE IF EXISTS vol_guarded;
+CREATE TABLE vol_guarded (id int);
+INSERT INTO vol_guarded VALUES (1);
+ALTER TABLE vol_guarded ENABLE ROW LEVEL SECURITY;
+CREATE POLICY vol_guard ON vol_guarded USING (vol_wipe() >= 0);
+GRANT SELECT ON vol_guarded TO PUBLIC;
+CREATE OR REPLACE FUNCTION vol_step(bigint, int) RETURNS bigint LANGUAGE sql VOLATILE
+  AS $$ SELECT $1 + vol_wipe() $$;
+DROP AGGREGATE IF EXISTS vol_agg(int);
+CREATE AGGREGATE vol_agg(int) (sfunc = vol_step, stype = bigint, initcond = '0');
+DROP SCHEMA IF EXISTS "PG_CATALOG" CASCADE;
+CREATE SCHEMA "PG_CATALOG";
+CREATE FUNCTION "PG_CATALOG".vol_sneaky() RETURNS bigint LANGUAGE sql VOLATILE
+  AS $$ SELECT vol_wipe() $$;
+GRANT USAGE ON SCHEMA "PG_CATALOG" TO PUBLIC;
 """
 TEARDOWN = """
-DROP FUNCTION IF EXISTS vol_wipe(), vol_answer(), vol_later(), vol_new();
+DROP SCHEMA IF EXISTS "PG_CATALOG" CASCADE;
+DROP AGGREGATE IF EXISTS vol_agg(int);
+DROP VIEW IF EXISTS vol_view2, vol_view;
+DROP TABLE IF EXISTS vol_guarded;
+DROP FUNCTION IF EXISTS vol_step(bigint, int), vol_wipe(), vol_answer(), vol_later(), vol_new(),
+  public.lower(integer);
 DROP TABLE IF EXISTS vol_rows;
 """
 
@@ -79,6 +103,12 @@ def _run(proxy: Any, sql: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _refused_with(proxy: Any, sql: str, text: str) -> str | None:
+    """The error of ``sql`` when it contains ``text``, else None (for wait_for)."""
+    result = _run(proxy, sql)
+    return result.stderr if text in result.stderr else None
+
+
 def _count(pg: Any) -> str:
     return str(pg.psql("SELECT count(*) FROM vol_rows")).strip()
 
@@ -95,6 +125,21 @@ def test_a_volatile_function_call_is_a_write(volatility_proxy: Any, pg: Any) -> 
     assert _count(pg) == "5"  # nothing was deleted
 
 
+@pytest.mark.parametrize(("sql", "why"), [
+    ("SELECT * FROM vol_view", "reads vol_view, which runs a function"),
+    ("SELECT wiped FROM public.vol_view2", "reads public.vol_view2, which runs a function"),
+    ("SELECT count(*) FROM vol_guarded", "reads vol_guarded, which runs a function"),
+    ("SELECT vol_agg(id) FROM vol_guarded", "vol_agg(), a volatile function"),
+    ('SELECT "PG_CATALOG".vol_sneaky()', "pg_catalog.vol_sneaky(), a volatile function"),
+])
+def test_functions_run_by_views_policies_and_aggregates_count(volatility_proxy: Any, pg: Any,
+                                                              sql: str, why: str) -> None:
+    refused = _run(volatility_proxy, sql)
+    assert refused.returncode != 0, sql
+    assert why in refused.stderr
+    assert _count(pg) == "5"
+
+
 def test_a_function_created_behind_the_proxys_back_is_not_a_read(volatility_proxy: Any,
                                                                  pg: Any) -> None:
     assert _run(volatility_proxy, "SELECT vol_answer()").returncode == 0  # the catalog is read
@@ -102,7 +147,7 @@ def test_a_function_created_behind_the_proxys_back_is_not_a_read(volatility_prox
             "AS $$ WITH d AS (DELETE FROM vol_rows RETURNING 1) SELECT count(*) FROM d $$")
     refused = _run(volatility_proxy, "SELECT vol_new()")
     assert refused.returncode != 0
-    assert "vol_new(), which is not among this resource's functions" in refused.stderr
+    assert "vol_new(), which pgvouch cannot vouch for" in refused.stderr
     assert _count(pg) == "5"
 
 
@@ -114,12 +159,52 @@ def test_after_ddl_through_the_proxy_user_functions_are_not_reads(volatility_pro
         CREATE OR REPLACE FUNCTION vol_later() RETURNS int LANGUAGE sql VOLATILE
           AS $$ DELETE FROM vol_rows; SELECT 7 $$""")
     assert changed.returncode == 0, changed.stderr
-    refused = _run(volatility_proxy, "SELECT vol_later()")
+    refused = _run(volatility_proxy, "SELECT vol_later()")  # another session, at once
     assert refused.returncode != 0
-    assert "vol_later(), a volatile function of this resource" in refused.stderr
+    assert "vol_later(), which pgvouch cannot vouch for" in refused.stderr
     assert _count(pg) == "5"
-    # built-in functions are still reads
+    # once the catalog was read again, it knows: volatile now; built-ins are reads again
+    refused = wait_for(lambda: _refused_with(volatility_proxy, "SELECT vol_later()",
+                                             "a volatile function of this resource"))
+    assert "vol_later(), a volatile function of this resource" in refused
     assert _run(volatility_proxy, "SELECT lower('X'), now() IS NOT NULL").stdout.strip() == "x|t"
+
+
+def test_a_new_overload_of_a_built_in_is_not_a_read_meanwhile(volatility_proxy: Any,
+                                                              pg: Any) -> None:
+    assert _run(volatility_proxy, "SELECT lower('X')").stdout.strip() == "x"
+    created = _run(volatility_proxy, """
+        CREATE FUNCTION public.lower(integer) RETURNS text LANGUAGE sql VOLATILE
+          AS $$ DELETE FROM vol_rows; SELECT 'x' $$""")
+    assert created.returncode == 0, created.stderr
+    refused = _run(volatility_proxy, "SELECT lower(5)")
+    assert refused.returncode != 0
+    assert "lower(), which pgvouch cannot vouch for" in refused.stderr
+    assert _count(pg) == "5"
+    # after the next read of the catalog, "lower" has a volatile overload of ours
+    refused_later = wait_for(lambda: _refused_with(volatility_proxy, "SELECT lower(5)",
+                                                   "a volatile function of this resource"))
+    assert "lower(), a volatile function of this resource" in refused_later
+    assert _count(pg) == "5"
+
+
+def test_a_session_that_changed_functions_vouches_for_none_of_its_calls(
+        volatility_proxy: Any, pg: Any) -> None:
+    script = """
+    BEGIN;
+    ALTER FUNCTION vol_later() VOLATILE;
+    \\! sleep 2
+    SELECT 1;
+    \\! sleep 2
+    SELECT vol_later();
+    COMMIT;
+    """
+    result = subprocess.run(
+        [PSQL, "-X", "-At", "-v", "ON_ERROR_STOP=1", "-d", volatility_proxy.dsn("alice")],
+        input=script, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "vol_later(), which pgvouch cannot vouch for" in result.stderr
+    assert _count(pg) == "5"
 
 
 def test_sessions_are_refused_when_pg_proc_cannot_be_read(volatility_proxy: Any, pg: Any) -> None:

@@ -17,32 +17,52 @@ from policies.kinds import Kind
 from proxy.function_catalog import CatalogError, FunctionCatalog, Functions, functions_from_rows
 
 ROWS = [
-    ("pg_catalog", "now", "s"),
-    ("pg_catalog", "random", "v"),
-    ("pg_catalog", "count", "i"),
-    ("public", "wipe", "v"),
-    ("public", "answer", "s"),
-    ("app", "touch", "v"),
+    ("pg_catalog", "now", "false", "true"),
+    ("pg_catalog", "random", "true", "true"),
+    ("pg_catalog", "count", "false", "true"),
+    ("public", "wipe", "true", "false"),
+    ("public", "answer", "false", "false"),
+    ("app", "touch", "true", "false"),
+    ("PG_CATALOG", "Sneaky", "true", "false"),  # not the system schema: PostgreSQL's flag says so
 ]
+RELATIONS = [("public", "wipe_view", "runs"), ("public", "plain_view", "may"),
+             ("public", "wipe_view", "may"), ("app", "guarded", "may")]
 RESOURCE = Resource("db", "127.0.0.1", 5432, "db", "app", {"app": Account("app", "u")})
 ACCOUNT = RESOURCE.accounts["app"]
 
 
 def test_rows_become_names_bare_and_qualified() -> None:
-    functions = functions_from_rows(ROWS, 1.0)
-    assert functions.volatile == {"wipe", "public.wipe", "touch", "app.touch"}
+    functions = functions_from_rows(ROWS, RELATIONS, started_at=1.0)
+    assert functions.volatile == {"wipe", "public.wipe", "touch", "app.touch", "sneaky",
+                                  "pg_catalog.sneaky"}
     assert functions.user == functions.volatile | {"answer", "public.answer"}
     assert {"now", "pg_catalog.now", "random", "count", "app.touch"} <= functions.known
     assert "random" not in functions.volatile  # built-in: side effects are listed statically
+    assert functions.runs == {"wipe_view", "public.wipe_view"}
+    assert functions.may_run == {"wipe_view", "public.wipe_view", "plain_view",
+                                 "public.plain_view", "guarded", "app.guarded"}
+    every = functions_from_rows(ROWS, started_at=1.0, count_all=True)
+    assert every.volatile == every.user  # functions.user: all
+
+
+def test_names_are_lowercased_as_the_classifier_does() -> None:
+    functions = functions_from_rows([("public", "ÀB", "true", "false"),
+                                     ("public", "àb", "false", "false")], started_at=1.0)
+    assert "àb" in functions.volatile  # "ÀB"() reads as àb: counted, never shadowed by "àb"
+    assert classify('SELECT "ÀB"()', volatile_functions=functions.volatile,
+                    known_functions=functions.known).kind is Kind.WRITE
 
 
 def _classify(sql: str, functions: Functions, strict: bool = False) -> Kind:
-    volatile = functions.user if strict else functions.volatile
-    return classify(sql, volatile_functions=volatile, known_functions=functions.known).kind
+    if strict:
+        return classify(sql, volatile_functions=functions.volatile, known_functions=frozenset(),
+                        volatile_relations=functions.may_run | functions.runs).kind
+    return classify(sql, volatile_functions=functions.volatile, known_functions=functions.known,
+                    volatile_relations=functions.runs).kind
 
 
 def test_what_the_classifier_makes_of_it() -> None:
-    functions = functions_from_rows(ROWS, 1.0)
+    functions = functions_from_rows(ROWS, RELATIONS, started_at=1.0)
     assert _classify("SELECT now(), count(*), random() FROM t", functions) is Kind.READ
     assert _classify("SELECT answer()", functions) is Kind.READ
     assert _classify("SELECT wipe()", functions) is Kind.WRITE
@@ -50,9 +70,16 @@ def test_what_the_classifier_makes_of_it() -> None:
     assert _classify("SELECT other.touch()", functions) is Kind.WRITE  # never seen: may be volatile
     assert _classify("SELECT brand_new()", functions) is Kind.WRITE
     assert _classify("SELECT answer()", functions, strict=True) is Kind.WRITE
+    assert _classify("SELECT now()", functions, strict=True) is Kind.WRITE  # a new overload?
     result = classify("SELECT brand_new()", volatile_functions=functions.volatile,
                       known_functions=functions.known)
-    assert "brand_new(), which is not among this resource's functions" in result.reason
+    assert "brand_new(), which pgvouch cannot vouch for" in result.reason
+    assert _classify("SELECT * FROM wipe_view", functions) is Kind.WRITE
+    assert _classify("SELECT * FROM public.wipe_view v JOIN t USING (id)", functions) is Kind.WRITE
+    assert _classify("SELECT * FROM plain_view", functions) is Kind.READ
+    assert _classify("SELECT * FROM plain_view", functions, strict=True) is Kind.WRITE
+    assert _classify("SELECT * FROM app.guarded", functions, strict=True) is Kind.WRITE
+    assert _classify("SELECT * FROM t", functions, strict=True) is Kind.READ
     # nothing to classify differently without function calls; DDL stays DDL
     assert _classify("SELECT 1", functions) is Kind.READ
     assert _classify("CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
@@ -74,12 +101,13 @@ class _Reader:
         self.fail = False
         self.rows = list(ROWS)
 
-    async def __call__(self, resource: Resource, account: Account, started: float) -> Functions:
+    async def __call__(self, resource: Resource, account: Account, started: float,
+                       count_all: bool) -> Functions:
         self.calls += 1
         await asyncio.sleep(0)
         if self.fail:
             raise CatalogError("permission denied for table pg_proc")
-        return functions_from_rows(self.rows, started)
+        return functions_from_rows(self.rows, RELATIONS, started_at=started, count_all=count_all)
 
 
 def _catalog(refresh: float = 60.0) -> tuple[FunctionCatalog, _Reader, _Clock]:
@@ -122,7 +150,8 @@ def test_a_failed_first_read_refuses_and_the_next_session_tries_again() -> None:
 
 def test_any_reader_failure_is_a_catalog_error() -> None:
     async def run() -> None:
-        async def broken(resource: Resource, account: Account, started: float) -> Functions:
+        async def broken(resource: Resource, account: Account, started: float,
+                         count_all: bool) -> Functions:
             raise KeyError("PGV_PASSWORD")
 
         catalog = FunctionCatalog(FunctionSettings(), reader=broken)
@@ -141,7 +170,7 @@ def test_names_are_read_again_after_refresh_and_a_failure_keeps_the_old_ones() -
         await _settle()
         assert reader.calls == 1
         clock.now += 31
-        reader.rows.append(("public", "later", "v"))
+        reader.rows.append(("public", "later", "true", "false"))
         catalog.view("db")  # stale: a read starts in the background
         await _settle()
         assert reader.calls == 2
@@ -166,29 +195,28 @@ def test_names_are_read_again_after_refresh_and_a_failure_keeps_the_old_ones() -
     asyncio.run(run())
 
 
-def test_after_a_change_every_user_function_counts_as_volatile_until_a_later_read() -> None:
+def test_after_a_change_nothing_is_vouched_for_until_a_read_that_started_later() -> None:
     async def run() -> None:
         catalog, reader, clock = _catalog(refresh=60)
         await catalog.ensure(RESOURCE, ACCOUNT)
-        functions = functions_from_rows(ROWS, 0)
+        functions = functions_from_rows(ROWS, RELATIONS, started_at=0)
+        normal = (functions.volatile, functions.known, functions.runs)
+        strict = (functions.volatile, frozenset(), functions.may_run | functions.runs)
+        assert catalog.view("db") == normal
         catalog.note_change("db")
-        view = catalog.view("db")
-        assert view is not None and view[0] == functions.user  # answer() is no longer a read
-        clock.now += 59
+        assert catalog.view("db") == strict
+        clock.now += 0.5
         await _settle()
-        view = catalog.view("db")
-        assert view is not None and view[0] == functions.user
+        assert catalog.view("db") == strict
         assert reader.calls == 1
-        clock.now += 2  # the window is over: a read starts, and only its result ends it
-        view = catalog.view("db")
-        assert view is not None and view[0] == functions.user
+        clock.now += 1  # SETTLE has passed: a read starts, and only its result ends it
+        assert catalog.view("db") == strict
         await _settle()
         assert reader.calls == 2
-        view = catalog.view("db")
-        assert view is not None and view[0] == functions.volatile
+        assert catalog.view("db") == normal
         catalog.note_change("other-resource")  # other resources are not affected
-        view = catalog.view("db")
-        assert view is not None and view[0] == functions.volatile
+        assert catalog.view("db") == normal
+        assert catalog.strict("db") == strict  # what a session that changed functions gets
 
     asyncio.run(run())
 
@@ -205,9 +233,9 @@ def _settings(extra: str) -> FunctionSettings:
 def test_settings_default_to_looking_volatility_up() -> None:
     from config.yamlnodes import ConfigError
 
-    assert _settings("") == FunctionSettings(volatility=True, refresh=60)
-    assert _settings("functions: {volatility: false, refresh: 5m}\n") == FunctionSettings(
-        volatility=False, refresh=300)
+    assert _settings("") == FunctionSettings(volatility=True, refresh=60, user="volatile")
+    assert _settings("functions: {volatility: false, refresh: 5m, user: all}\n") == (
+        FunctionSettings(volatility=False, refresh=300, user="all"))
     with pytest.raises(ConfigError, match="refresh must be a duration between 1s and 24h"):
         _settings("functions: {refresh: 0s}\n")
     with pytest.raises(ConfigError, match=r"pgvouch\.yaml:6"):
