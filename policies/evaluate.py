@@ -233,6 +233,32 @@ def evaluate(
     return decision
 
 
+_ONLY_READING = frozenset({Kind.READ, Kind.SESSION})
+
+
+def may_write(policy_set: PolicySet, identity: Identity, resource: str, account: str) -> bool:
+    """Whether anything but reads and session control could ever run for this identity here.
+
+    Structural and deliberately generous: true when the defaults, or any rule of
+    an applicable policy, allow or review some other kind (for any table). When
+    false, no write can be allowed or approved, so the proxy may have the server
+    refuse writes too (``default_transaction_read_only``): a write the
+    classifier cannot see (a function reached through an operator, a cast, a
+    cursor) then fails in PostgreSQL instead of running.
+    """
+    defaults = policy_set.defaults
+    if defaults.action is not Action.DENY or defaults.unknown is not Action.DENY:
+        return True
+    for policy in applicable(policy_set, identity, resource, account):
+        for rule in policy.rules:
+            if rule.action is Action.DENY:
+                continue
+            kinds = rule.when.kinds
+            if kinds is None or not kinds <= _ONLY_READING:
+                return True
+    return False
+
+
 def statements_under_review(decision: Decision, count: int) -> frozenset[int]:
     """Indexes of the ``count`` statements a review ``decision`` is about.
 

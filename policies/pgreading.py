@@ -21,7 +21,7 @@ what passes.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,13 @@ from pglast import ast, enums
 
 from policies.kinds import Kind
 from policies.reading import ANY_TABLE, Reading
-from policies.sideeffects import SET_CONFIG, function_effect, last_name, setting_kind
+from policies.sideeffects import (
+    SET_CONFIG,
+    VALUE_DEPENDENT_SETTINGS,
+    function_effect,
+    last_name,
+    setting_kind,
+)
 from policies.statements import FIXED, NOT_EXECUTED
 
 # -- the result ---------------------------------------------------------------------
@@ -112,6 +118,24 @@ def _argument(call: ast.FuncCall, position: int, name: str) -> object:
         positional = [a for a in args if not isinstance(a, ast.NamedArgExpr)]
         return positional[position] if position < len(positional) else None
     return args[position] if position < len(args) else None
+
+
+def _setting_literal(node: object) -> str | None:
+    """A SET value given as a string, a number or a keyword (on, off, true, ...), as text."""
+    if isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer):
+        return str(node.val.ival)
+    return _string_literal(node)
+
+
+def _asks_read_write(options: Sequence[object] | None) -> bool:
+    """Transaction options (BEGIN, SET TRANSACTION ...) that include READ WRITE."""
+    for option in options or ():
+        if isinstance(option, ast.DefElem) and option.defname == "transaction_read_only":
+            arg = option.arg
+            if not (isinstance(arg, ast.A_Const) and isinstance(arg.val, ast.Integer)
+                    and arg.val.ival == 1):
+                return True
+    return False
 
 
 def _string_literal(node: object) -> str | None:
@@ -340,6 +364,8 @@ class _Walker:
     def transaction(self, node: ast.TransactionStmt, ctes: frozenset[str], executing: bool) -> None:
         if node.kind in _ADMIN_TRANSACTIONS:
             self.reading.add(Kind.ADMIN, "two-phase commit acts on prepared transactions")
+        elif _asks_read_write(node.options):
+            self.reading.add(Kind.WRITE, "a READ WRITE transaction asks to write")
         else:
             self.reading.add(Kind.SESSION, "transaction control")
 
@@ -349,16 +375,19 @@ class _Walker:
         if node.kind == enums.VariableSetKind.VAR_RESET_ALL:
             self.reading.add(Kind.SESSION, "RESET ALL resets ordinary session settings")
         elif node.kind == enums.VariableSetKind.VAR_SET_MULTI:
-            self.reading.add(Kind.SESSION, f"SET {node.name}")
+            if _asks_read_write(node.args):
+                self.reading.add(Kind.WRITE, f"SET {node.name} READ WRITE lets transactions write")
+            else:
+                self.reading.add(Kind.SESSION, f"SET {node.name}")
         else:
             name = node.name or ""
             value: str | None = None
             readable = True
-            if name.lower() == "client_encoding":
+            if name.lower() in VALUE_DEPENDENT_SETTINGS:
                 self.reading.literal_dependent = True
                 if node.kind == enums.VariableSetKind.VAR_SET_VALUE:
                     args = list(node.args or ())
-                    value = _string_literal(args[0]) if len(args) == 1 else None
+                    value = _setting_literal(args[0]) if len(args) == 1 else None
                     readable = value is not None
             kind, reason = setting_kind(name, value, value_readable=readable)
             self.reading.add(kind, reason)

@@ -144,6 +144,14 @@ def _is_utf8(encoding: str) -> bool:
     return "".join(c for c in encoding.lower() if c.isalnum()) in ("utf8", "unicode")
 
 
+# Settings that let transactions write: pgvouch may log a session in with
+# default_transaction_read_only on (see policies.evaluate.may_write).
+READ_ONLY_SETTINGS = frozenset({"default_transaction_read_only", "transaction_read_only"})
+# Settings whose kind depends on the value set (never shared by shape).
+VALUE_DEPENDENT_SETTINGS = frozenset({"client_encoding"}) | READ_ONLY_SETTINGS
+_TRUE = frozenset({"on", "true", "yes", "1", "t", "y", "tr", "tru", "ye"})
+
+
 def setting_kind(
     setting: str, value: str | None = None, *, value_readable: bool = True
 ) -> tuple[Kind, str]:
@@ -163,6 +171,12 @@ def setting_kind(
             "changes client_encoding away from UTF-8, which changes how the server reads "
             "later messages; the classifier could no longer vouch for them"
         )
+    if name in READ_ONLY_SETTINGS:
+        if value is None and value_readable:
+            return Kind.SESSION, f"resets {name} to the session's default"
+        if value_readable and value is not None and value.strip().lower() in _TRUE:
+            return Kind.SESSION, f"turns {name} on"
+        return Kind.WRITE, f"changes {name}, which lets transactions write"
     if name in _PRIVILEGE_SETTINGS:
         return Kind.PRIVILEGE, f"changes {name}, i.e. the privileges in effect"
     if name in _LEXER_SETTINGS:

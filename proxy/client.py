@@ -283,10 +283,17 @@ class ClientSession(asyncio.Protocol):
                 except StartupRefused as refused:
                     raise Fatal(refused.code, str(refused), refused.hint) from None
                 self.target = target
+                params = target.upstream_params
+                read_only = getattr(self.server.decider, "read_only", None)
+                if read_only is not None and read_only(
+                    target.user, self.settings.groups_of(target.user), target.resource.name,
+                    target.account.name,
+                ):
+                    # no write can ever be allowed here: have the server refuse them too,
+                    # should one hide where the classifier cannot see it
+                    params = {**params, "default_transaction_read_only": "on"}
                 try:
-                    upstream = await connect(
-                        target.resource, target.account, target.upstream_params
-                    )
+                    upstream = await connect(target.resource, target.account, params)
                 except UpstreamError as unreachable:
                     self.server.metrics_upstream_failure()
                     raise Fatal(sqlstate.UPSTREAM_UNAVAILABLE, str(unreachable)) from None

@@ -25,7 +25,7 @@ from typing import Protocol
 from config.yamlnodes import ConfigError
 from policies.classify import Classification, StatementInfo, classify, combined, unknown
 from policies.evaluate import Decision as PolicyDecision
-from policies.evaluate import Identity, evaluate
+from policies.evaluate import Identity, evaluate, may_write
 from policies.kinds import Kind
 from policies.loader import load_policies, policy_files
 from policies.model import Action, PolicySet
@@ -163,6 +163,11 @@ class PolicyDecider:
         self.functions = functions  # each resource's functions, when volatility is looked up
         self._decisions: dict[tuple[object, ...], tuple[PolicySet, PolicyDecision]] = {}
         self._allowed: dict[int, tuple[Classification, PolicySet, tuple[object, ...]]] = {}
+
+    def read_only(self, user: str, groups: tuple[str, ...], resource: str, account: str) -> bool:
+        """Whether the server should refuse writes in this session too: the policies in
+        force could never allow or approve one (``policies.evaluate.may_write``)."""
+        return not may_write(self.policies.current, Identity(user, groups), resource, account)
 
     def classify_unit(self, session: SessionInfo, unit: Unit) -> Classification:
         prepared: dict[str, StatementInfo] = session.state.setdefault("prepared", {})  # type: ignore[assignment]

@@ -24,7 +24,10 @@ from proxy import sqlstate
 # Startup parameters that are never forwarded as-is.
 _HANDLED = {"user", "database", "options", "replication"}
 # Settings that change who the session is: a privilege change in disguise.
-REFUSED_SETTINGS = frozenset({"role", "session_authorization"})
+# role and session_authorization change who runs statements; the read-only pair is
+# pgvouch's to set (a session whose policies never allow a write is read-only)
+REFUSED_SETTINGS = frozenset({"role", "session_authorization", "default_transaction_read_only",
+                              "transaction_read_only"})
 PGVOUCH_SETTINGS = frozenset({"pgvouch.account", "pgvouch.hold"})
 # PostgreSQL splits options on C isspace() in the C locale, nothing wider.
 _C_SPACE = " \t\n\v\f\r"

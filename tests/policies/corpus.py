@@ -76,7 +76,6 @@ CASES: dict[str, list[tuple[str, Kind]]] = {
         ("BEGIN READ ONLY", S),
         ("BEGIN TRANSACTION READ ONLY", S),
         ("START TRANSACTION", S),
-        ("START TRANSACTION READ WRITE", S),
         ("COMMIT", S),
         ("COMMIT AND CHAIN", S),
         ("END", S),
@@ -96,9 +95,7 @@ CASES: dict[str, list[tuple[str, Kind]]] = {
         ("SET NAMES 'UTF8'", S),
         ("SET SCHEMA 'x'", S),
         ("SET application_name = 'psql'", S),
-        ("SET default_transaction_read_only = off", S),
         ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", S),
-        ("SET TRANSACTION READ WRITE", S),
         ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", S),
         ("SET CONSTRAINTS ALL DEFERRED", S),
         ("RESET work_mem", S),
@@ -129,6 +126,10 @@ CASES: dict[str, list[tuple[str, Kind]]] = {
         ("SELECT set_config('client_encoding', 'UTF8', false)", S),
     ],
     "writes": [
+        # asking for a transaction that may write (pgvouch keeps read-only sessions read-only)
+        ("START TRANSACTION READ WRITE", W),
+        ("SET default_transaction_read_only = off", W),
+        ("SET TRANSACTION READ WRITE", W),
         ("INSERT INTO t VALUES (1)", W),
         ("INSERT INTO t (a) SELECT a FROM u", W),
         ("INSERT INTO t VALUES (1) ON CONFLICT DO NOTHING", W),

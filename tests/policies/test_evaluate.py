@@ -7,6 +7,7 @@ import pytest
 from policies.classify import classify
 from policies.evaluate import Decision, Identity, evaluate, statements_under_review
 from policies.globs import tables_match, user_matches
+from policies.kinds import Kind
 from policies.loader import policy_set_from_text
 from policies.model import Action, PolicySet
 
@@ -269,3 +270,62 @@ def test_which_statements_a_review_is_about() -> None:
     # a statement no policy's rule decided (the defaults did) counts, the strict reading
     assert statements_under_review(decide("UPDATE t SET x = 1 WHERE id = 1", resource="dev"), 1) \
         == frozenset({0})
+
+
+# -- may_write: sessions the server keeps read-only ------------------------------------
+
+_READS = """
+policies:
+  - name: reads
+    match: {resources: ["prod-*"]}
+    rules:
+      - when: {kinds: [read, session]}
+        action: allow
+      - when: {kinds: [write]}
+        action: deny
+  - name: dba
+    match: {resources: ["prod-*"], users: ["group:dba"]}
+    rules:
+      - when: {kinds: [write], tables: ["events"]}
+        action: review
+        approval: {steps: [{name: DBA, approvers: ["group:dba"], required: 1}]}
+"""
+
+
+def test_may_write_only_when_some_rule_or_default_could_let_a_write_run() -> None:
+    from policies.evaluate import may_write
+
+    policies = policy_set_from_text(_READS)
+    alice, bob = Identity("alice", ("developers",)), Identity("bob", ("dba",))
+    assert not may_write(policies, alice, "prod-db", "app")
+    assert may_write(policies, bob, "prod-db", "app")  # review on one table is enough
+    everything = policy_set_from_text(_READS.replace("kinds: [read, session]}", 'tables: ["*"]}'))
+    assert may_write(everything, alice, "prod-db", "app")  # a rule without kinds
+    assert may_write(policy_set_from_text("defaults: {action: allow}\n"), alice, "x", "y")
+    assert may_write(policy_set_from_text("defaults: {unknown: allow}\n"), alice, "x", "y")
+    assert not may_write(policy_set_from_text("defaults: {action: deny}\n"), alice, "x", "y")
+
+
+@pytest.mark.parametrize(("sql", "kind"), [
+    ("BEGIN READ WRITE", Kind.WRITE),
+    ("BEGIN READ ONLY", Kind.SESSION),
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ WRITE", Kind.WRITE),
+    ("SET TRANSACTION READ WRITE", Kind.WRITE),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE", Kind.WRITE),
+    ("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", Kind.SESSION),
+    ("SET default_transaction_read_only = off", Kind.WRITE),
+    ("SET default_transaction_read_only = 0", Kind.WRITE),
+    ("SET default_transaction_read_only = 1", Kind.SESSION),
+    ("SET default_transaction_read_only = on", Kind.SESSION),
+    ("SET LOCAL transaction_read_only = no", Kind.WRITE),
+    ("RESET default_transaction_read_only", Kind.SESSION),
+    ("SELECT set_config('transaction_read_only', 'off', false)", Kind.WRITE),
+])
+def test_asking_for_read_write_is_a_write(sql: str, kind: Kind) -> None:
+    from policies.classify import clear_caches
+
+    assert classify(sql).kind is kind
+    # never shared by shape: = 1 and = 0 differ only in a literal
+    clear_caches()
+    classify("SET default_transaction_read_only = 1", texts=False)
+    assert classify("SET default_transaction_read_only = 0", texts=False).kind is Kind.WRITE

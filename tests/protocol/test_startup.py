@@ -219,7 +219,8 @@ def test_role_changes_in_options_are_refused(cfg: Settings, options: str) -> Non
     assert exc.hint and "RESOURCE/ACCOUNT" in exc.hint
 
 
-@pytest.mark.parametrize("name", ["role", "ROLE", "session_authorization"])
+@pytest.mark.parametrize("name", ["role", "ROLE", "session_authorization",
+                                  "default_transaction_read_only", "transaction_read_only"])
 def test_role_changes_as_startup_parameters_are_refused(cfg: Settings, name: str) -> None:
     # Any startup parameter that is not user/database/options/replication is a
     # setting PostgreSQL applies at connection time: role=admin here is the very
