@@ -22,6 +22,8 @@ _SERVER_FILES = "reads or writes files on the database server"
 _OTHER_SESSIONS = "acts on other sessions"
 _REPLICATION = "manages replication or WAL"
 _RUNS_SQL_TEXT = "runs SQL or reads tables named in a string; the classifier cannot vouch for it"
+_STATISTICS = "changes the planner's statistics, as ANALYZE does"
+_INDEX_MAINTENANCE = "maintains an index, as VACUUM does"
 
 FUNCTIONS: dict[str, tuple[Kind, str]] = {
     # sequences
@@ -75,6 +77,22 @@ FUNCTIONS: dict[str, tuple[Kind, str]] = {
     "database_to_xmlschema": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
     "database_to_xml_and_xmlschema": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
     "ts_stat": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
+    "ts_rewrite": (Kind.UNKNOWN, _RUNS_SQL_TEXT),  # (tsquery, text): the text is a query
+    # tablefunc (an extension; any schema): the text arguments are queries
+    "crosstab": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
+    "crosstab2": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
+    "crosstab3": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
+    "crosstab4": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
+    "connectby": (Kind.UNKNOWN, _RUNS_SQL_TEXT),
+    # planner statistics and index maintenance (what ANALYZE and VACUUM do)
+    "pg_restore_relation_stats": (Kind.ADMIN, _STATISTICS),
+    "pg_restore_attribute_stats": (Kind.ADMIN, _STATISTICS),
+    "pg_clear_relation_stats": (Kind.ADMIN, _STATISTICS),
+    "pg_clear_attribute_stats": (Kind.ADMIN, _STATISTICS),
+    "brin_summarize_new_values": (Kind.ADMIN, _INDEX_MAINTENANCE),
+    "brin_summarize_range": (Kind.ADMIN, _INDEX_MAINTENANCE),
+    "brin_desummarize_range": (Kind.ADMIN, _INDEX_MAINTENANCE),
+    "gin_clean_pending_list": (Kind.ADMIN, _INDEX_MAINTENANCE),
 }
 
 # Families recognised by prefix (checked after the exact table).
@@ -172,7 +190,10 @@ def setting_kind(
             "later messages; the classifier could no longer vouch for them"
         )
     if name in READ_ONLY_SETTINGS:
-        if value is None and value_readable:
+        # RESET default_transaction_read_only returns to the login value (pgvouch's
+        # "on" for a read-only session); RESET transaction_read_only returns to the
+        # built-in default, off (PostgreSQL 15 and older accept it in a transaction)
+        if value is None and value_readable and name == "default_transaction_read_only":
             return Kind.SESSION, f"resets {name} to the session's default"
         if value_readable and value is not None and value.strip().lower() in _TRUE:
             return Kind.SESSION, f"turns {name} on"

@@ -25,9 +25,10 @@ from proxy import sqlstate
 _HANDLED = {"user", "database", "options", "replication"}
 # Settings that change who the session is: a privilege change in disguise.
 # role and session_authorization change who runs statements; the read-only pair is
-# pgvouch's to set (a session whose policies never allow a write is read-only)
-REFUSED_SETTINGS = frozenset({"role", "session_authorization", "default_transaction_read_only",
-                              "transaction_read_only"})
+# pgvouch's to set (a session whose policies never allow a write is read-only): a
+# client may only ask for default_transaction_read_only on
+REFUSED_SETTINGS = frozenset({"role", "session_authorization", "transaction_read_only"})
+_ON = frozenset({"on", "true", "yes", "1"})
 PGVOUCH_SETTINGS = frozenset({"pgvouch.account", "pgvouch.hold"})
 # PostgreSQL splits options on C isspace() in the C locale, nothing wider.
 _C_SPACE = " \t\n\v\f\r"
@@ -190,6 +191,12 @@ def resolve(settings: Settings, params: dict[str, str]) -> Target:
         if name in _HANDLED:
             raise StartupRefused(sqlstate.NOT_AUTHORIZED, f"setting {name!r} is not allowed in options")
     for name, value in [*options.items(), *top_level.items()]:
+        if name == "default_transaction_read_only" and value.strip().lower() not in _ON:
+            raise StartupRefused(
+                sqlstate.NOT_AUTHORIZED,
+                "default_transaction_read_only may only be turned on at connection time "
+                "through pgvouch",
+            )
         if not lexing_setting_is_safe(name, value):
             raise StartupRefused(
                 sqlstate.FEATURE_NOT_SUPPORTED,

@@ -98,6 +98,10 @@ def test_a_write_the_classifier_cannot_see_fails_in_postgresql(
     "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE",
     "BEGIN READ WRITE",
     "SELECT set_config('default_transaction_read_only', 'off', false)",
+    "BEGIN; RESET transaction_read_only",
+    # SQL hidden in a string, run by a built-in
+    "SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, ''b''::tsquery FROM "
+    "(SELECT set_config(''default_transaction_read_only'', ''off'', false)) s')",
 ])
 def test_turning_it_off_is_a_write(start_proxy: Callable[..., Any], tmp_path: Path, pg: Any,
                                    rows: None, sql: str) -> None:
@@ -105,6 +109,7 @@ def test_turning_it_off_is_a_write(start_proxy: Callable[..., Any], tmp_path: Pa
     refused = _run(proxy, sql)
     assert refused.returncode != 0
     assert 'denied by policy "reads-only"' in refused.stderr or "default policy" in refused.stderr
+    assert _run(proxy, "SHOW default_transaction_read_only").stdout.strip() == "on"
     # and it cannot be asked for at connection time either
     at_login = subprocess.run(
         [PSQL, "-X", "-At", "-d", proxy.dsn("alice", options="-c default_transaction_read_only=off"),

@@ -126,6 +126,8 @@ CASES: dict[str, list[tuple[str, Kind]]] = {
         ("SELECT set_config('client_encoding', 'UTF8', false)", S),
     ],
     "writes": [
+        ("RESET transaction_read_only", W),
+        ("SET transaction_read_only TO DEFAULT", W),
         # asking for a transaction that may write (pgvouch keeps read-only sessions read-only)
         ("START TRANSACTION READ WRITE", W),
         ("SET default_transaction_read_only = off", W),
@@ -347,6 +349,9 @@ CASES: dict[str, list[tuple[str, Kind]]] = {
         ("CREATE SCHEMA s CREATE TABLE t (a int) GRANT SELECT ON t TO PUBLIC", P),
     ],
     "admin": [
+        ("SELECT pg_restore_relation_stats('schemaname', 'public', 'relname', 't')", A),
+        ("SELECT pg_clear_attribute_stats('public', 't', 'id', false)", A),
+        ("SELECT brin_summarize_new_values('t_brin_idx')", A),
         ("ALTER SYSTEM SET work_mem = '1MB'", A),
         ("ALTER SYSTEM RESET ALL", A),
         ("VACUUM", A),
@@ -413,6 +418,9 @@ CASES: dict[str, list[tuple[str, Kind]]] = {
         ("SELECT query_to_xml('SELECT * FROM t', true, false, '')", U),
         ("SELECT table_to_xml('hr.salaries', true, false, '')", U),
         ("SELECT * FROM ts_stat('SELECT v FROM t')", U),
+        ("SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, ''b''::tsquery FROM t')", U),
+        ("SELECT * FROM crosstab('SELECT r, c, v FROM t') AS x(r text, a int)", U),
+        ("SELECT * FROM public.connectby('t', 'id', 'parent', '1', 0) AS x(id int)", U),
         ("SET standard_conforming_strings = off", U),
         ("SET standard_conforming_strings = on", U),
         ("SELECT set_config('standard_conforming_strings', 'off', false)", U),

@@ -219,6 +219,16 @@ def test_role_changes_in_options_are_refused(cfg: Settings, options: str) -> Non
     assert exc.hint and "RESOURCE/ACCOUNT" in exc.hint
 
 
+def test_read_only_may_be_asked_for_at_login_but_not_turned_off(cfg: Settings) -> None:
+    on = resolve(cfg, {"user": "alice", "database": "app", "default_transaction_read_only": "on"})
+    assert on.upstream_params["default_transaction_read_only"] == "on"
+    for value in ("off", "0", "false"):
+        for params in ({"default_transaction_read_only": value},
+                       {"options": f"-c default_transaction_read_only={value}"}):
+            exc = refused(cfg, {"user": "alice", "database": "app", **params})
+            assert exc.code == sqlstate.NOT_AUTHORIZED
+
+
 @pytest.mark.parametrize("name", ["role", "ROLE", "session_authorization",
                                   "default_transaction_read_only", "transaction_read_only"])
 def test_role_changes_as_startup_parameters_are_refused(cfg: Settings, name: str) -> None:
