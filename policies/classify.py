@@ -49,23 +49,26 @@ Caches
        looked at one (``set_config('role', ...)``); such results are kept
        out of this cache. Texts longer than 16 KiB are not cached.
     3. *integer form* → the shape's result, for the proxy's hot path only
-       (``texts=False``): the text with every small integer literal
-       replaced by ``0``, so ``... WHERE aid = 17`` and ``... WHERE aid =
-       42`` are one key and a fresh literal skips PostgreSQL's normaliser
-       (a regular expression instead of a parse). A form is learnt from a
-       text only when PostgreSQL's lexer confirms that every replaced run
-       of digits is an integer constant token there (not part of a string,
-       a comment, an identifier, a parameter or a longer number). Runs are
-       1-9 ASCII digits bounded by whitespace, ``( ) , ; = < > + - * /`` or
-       the ends of the text; every lexer rule treats all decimal digits
-       alike, and those bounds start or end no token that a digit could
-       extend, so any text with the same form lexes identically, with
-       integer constants where the learnt text had them. Both readings
-       ignore integer values (sqlglot reads the neutral text; PostgreSQL's
-       reading looks only at string literals), so the result is the same.
-       Integers the normaliser keeps (``FETCH 5``, ``varchar(5)``) share a
-       form too; a value the server's grammar rejects there (``float(0)``)
-       fails the whole message upstream, so nothing runs.
+       (``texts=False``): the text's bytes with every digit turned into
+       ``0`` (one C-level translate), so ``... WHERE aid = 17`` and ``...
+       WHERE aid = 42`` are one key and a fresh literal skips PostgreSQL's
+       normaliser. A form is learnt from a text only when every digit in
+       it belongs to a run of 1-9 digits bordered by whitespace, ``( ) , ;
+       = < > + - * /`` or the text's ends, and PostgreSQL's lexer confirms
+       each run is one integer constant token (not part of a string, a
+       comment, an identifier, a parameter or a longer number). A text with
+       the same form has the same characters everywhere else and runs of
+       the same lengths in the same places; every lexer rule treats all
+       decimal digits alike, and those borders start or end no token that
+       a digit could extend, so it lexes identically, with integer
+       constants where the learnt text had them. Both readings ignore
+       integer values (sqlglot reads the neutral text; PostgreSQL's reading
+       looks only at string literals), so the result is the same. Integers
+       the normaliser keeps (``FETCH 5``, ``varchar(5)``) share a form too;
+       a value the server's grammar rejects there (``float(0)``) fails the
+       whole message upstream, so nothing runs. Values of another length
+       are another form (learnt the same way); texts with digits anywhere
+       else (``t1``, ``::int4``) have none and take the other caches.
 """
 
 from __future__ import annotations
@@ -89,11 +92,20 @@ TEXT_CACHE_SIZE = 4096
 SHAPE_CACHE_SIZE = 10_000
 MAX_CACHED_TEXT = 16 * 1024
 FORM_CACHE_SIZE = 4096
-# A run of 1-9 digits (an int4 constant whatever the digits) between bounds
-# that no lexer rule extends with a digit: see "Caches" above.
-_BOUND = r" \t\n\r(),;=<>+\-*/"
-_SMALL_INT = re.compile(rf"(?<![^{_BOUND}])[0-9]{{1,9}}(?![^{_BOUND}])")
-_integer_form = _SMALL_INT.sub
+# Characters that may border a run of digits in a text whose form is learnt:
+# no lexer rule extends a digit run across them (see "Caches" above).
+_BOUND = frozenset(" \t\n\r(),;=<>+-*/")
+_MAX_DIGITS = 9  # any value of 1-9 digits is an int4 constant
+_DIGIT_RUN = re.compile(r"[0-9]+")
+_ZEROS = bytes.maketrans(b"0123456789", b"0000000000")
+
+
+def integer_form(sql: str) -> bytes | None:
+    """The form key of ``sql``: its UTF-8 bytes with every digit turned into ``0``."""
+    try:
+        return sql.encode().translate(_ZEROS)
+    except UnicodeEncodeError:  # a lone surrogate: no form
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +160,7 @@ class _Entry:
     shape_cacheable: bool
     has_execute: bool
     has_functions: bool
+    has_tables: bool
     plain: Classification  # the result without session state or volatility
 
 
@@ -160,7 +173,7 @@ _SHAPES: LRU[str, _Entry] = LRU(SHAPE_CACHE_SIZE)
 # above). Plain dicts, emptied when full: a hit is one lookup (and for a form
 # one regex substitution), with no lock or recency bookkeeping.
 _BLIND: dict[str, _Entry] = {}
-_FORMS: dict[str, _Entry] = {}
+_FORMS: dict[bytes, _Entry] = {}
 
 
 def clear_caches() -> None:
@@ -223,8 +236,10 @@ def classify(
     relations = volatile_relations or frozenset()
     # the cached result itself when nothing here changes it (the proxy's memo of
     # allowed shapes is keyed by that object)
-    if not needs_session and not _volatility_applies(entry.statements, volatile,
-                                                     known_functions, relations):
+    if not needs_session and (
+        not (entry.has_functions or (relations and entry.has_tables))
+        or not _volatility_applies(entry.statements, volatile, known_functions, relations)
+    ):
         return entry.plain
     return _finish(entry.statements, prepared or {}, volatile, known_functions, relations)
 
@@ -247,7 +262,9 @@ def _lookup(sql: str, texts: bool = True) -> _Entry:
     if cacheable and not texts:
         hit = _BLIND.get(sql)
         if hit is None:
-            hit = _FORMS.get(_integer_form("0", sql))
+            form = integer_form(sql)
+            if form is not None:
+                hit = _FORMS.get(form)
         if hit is not None:
             return hit
     if cacheable:
@@ -290,23 +307,32 @@ def _remember_blind(sql: str, entry: _Entry) -> None:
 def _learn_form(sql: str, shaped: _Entry) -> bool:
     """Remember ``sql``'s integer form for its shape's entry, if PostgreSQL's lexer agrees.
 
-    Every run the form replaces must be exactly one integer constant token
-    of ``sql`` (see "Caches" above). ASCII only, so the lexer's offsets are
+    Every digit of ``sql`` must be in a run of 1-9 digits bordered by
+    :data:`_BOUND` characters (or the text's ends) that is exactly one integer
+    constant token (see "Caches" above). ASCII only, so the lexer's offsets are
     character offsets. Returns whether the form is known now.
     """
     if not sql.isascii():
         return False
-    form, replaced = _SMALL_INT.subn("0", sql)
-    if not replaced:
+    runs = [match.span() for match in _DIGIT_RUN.finditer(sql)]
+    if not runs:
+        return False
+    form = integer_form(sql)
+    if form is None:
         return False
     if form in _FORMS:
         return True
+    last = len(sql)
+    for start, end in runs:
+        if end - start > _MAX_DIGITS or (start > 0 and sql[start - 1] not in _BOUND) \
+                or (end < last and sql[end] not in _BOUND):
+            return False
     try:
         constants = {(tok.start, tok.end + 1) for tok in pg_parser.scan(sql)
                      if tok.name == "ICONST"}
     except Exception:
         return False
-    if any(match.span() not in constants for match in _SMALL_INT.finditer(sql)):
+    if any(span not in constants for span in runs):
         return False
     if len(_FORMS) >= FORM_CACHE_SIZE:
         _FORMS.clear()
@@ -334,6 +360,7 @@ def _retexted(entry: _Entry, sql: str) -> _Entry | None:
         shape_cacheable=True,
         has_execute=entry.has_execute,
         has_functions=entry.has_functions,
+        has_tables=entry.has_tables,
         plain=plain,
     )
 
@@ -351,6 +378,8 @@ def _entry(
         has_execute=has_execute,
         has_functions=any(s.functions for s in statements)
         or any(isinstance(s.effect, Prepare) and s.effect.statement.functions for s in statements),
+        has_tables=any(s.tables for s in statements)
+        or any(isinstance(s.effect, Prepare) and s.effect.statement.tables for s in statements),
         plain=_finish(statements, {}, frozenset()) if has_execute else _classification(statements),
     )
 
@@ -511,9 +540,10 @@ def with_volatility(
     With ``known`` (see :func:`classify`), a function missing from it counts as
     volatile; a relation in ``relations`` runs one.
     """
-    if (not volatile and known is None and not relations) \
-            or statement.kind not in (Kind.READ, Kind.SESSION):
+    if statement.kind not in (Kind.READ, Kind.SESSION):
         return statement
+    if not statement.functions and not (relations and statement.tables):
+        return statement  # the common case: nothing here can run a function
     called = [f for f in statement.functions if f in volatile or last_name(f) in volatile]
     unseen = [] if known is None else [f for f in statement.functions if f not in known]
     running = [t for t in statement.tables if t in relations or last_name(t) in relations]

@@ -37,7 +37,6 @@ but the fixed catalog queries below.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import struct
 import time
@@ -232,7 +231,12 @@ def _retrieve(task: asyncio.Task[Functions]) -> None:
 
 
 class FunctionCatalog:
-    """The functions of every resource sessions use, kept fresh; see the module doc."""
+    """The functions of every resource sessions use, kept fresh; see the module doc.
+
+    ``view`` is on every statement's path, so it is one dictionary lookup: the
+    view of each resource is recomputed when a read finishes or a change is
+    noted, and timers (not ``view``) start the periodic and post-change reads.
+    """
 
     def __init__(self, settings: FunctionSettings, reader: Reader = read_functions,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -241,17 +245,18 @@ class FunctionCatalog:
         self._reader = reader
         self._clock = clock
         self._functions: dict[str, Functions] = {}
+        self._views: dict[str, View] = {}
         self._login: dict[str, tuple[Resource, Account]] = {}  # how to read a resource again
         self._loading: dict[str, asyncio.Task[Functions]] = {}
         self._changed_at: dict[str, float] = {}  # resource → last statement that may change functions
-        self._failed_at: dict[str, float] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
 
     async def ensure(self, resource: Resource, account: Account) -> None:
         """Return once ``resource``'s functions are known; :class:`CatalogError` if they cannot be."""
         self._login.setdefault(resource.name, (resource, account))
         if resource.name in self._functions:
             return
-        task = self._loading.get(resource.name) or self._start(resource.name, (resource, account))
+        task = self._loading.get(resource.name) or self._start(resource.name)
         try:
             await asyncio.shield(task)
         except CatalogError as exc:
@@ -268,18 +273,7 @@ class FunctionCatalog:
         doc), no function call is vouched for and every view or table with
         row-level security of ours counts as running one.
         """
-        functions = self._functions.get(resource)
-        if functions is None:
-            return None
-        now = self._clock()
-        if now - functions.started_at >= self.refresh:
-            self._refresh_soon(resource, now)
-        changed = self._changed_at.get(resource)
-        if changed is not None and functions.started_at < changed + SETTLE:
-            if now >= changed + SETTLE:
-                self._refresh_soon(resource, now)
-            return functions.volatile, _EVERY_CALL, functions.may_run | functions.runs
-        return functions.volatile, functions.known, functions.runs
+        return self._views.get(resource)
 
     def strict(self, resource: str) -> View:
         """The view while a change may be in flight, whatever the catalog says (a session
@@ -287,53 +281,74 @@ class FunctionCatalog:
         functions = self._functions.get(resource)
         if functions is None:
             return frozenset(), _EVERY_CALL, frozenset()
-        return functions.volatile, _EVERY_CALL, functions.may_run | functions.runs
+        return _strict(functions)
 
     def note_change(self, resource: str) -> None:
         """A statement that may create or change functions was let through or has run."""
-        now = self._clock()
-        self._changed_at[resource] = now
-        with contextlib.suppress(RuntimeError):  # no running loop (tests): view() reads later
-            asyncio.get_running_loop().call_later(SETTLE + 0.05, self._refresh_soon, resource,
-                                                  now + SETTLE)
+        self._changed_at[resource] = self._clock()
+        functions = self._functions.get(resource)
+        if functions is not None:
+            self._views[resource] = _strict(functions)
+        self._schedule(resource, SETTLE)
 
     # -- reading ------------------------------------------------------------------------
-    def _refresh_soon(self, resource: str, now: float) -> None:
-        login = self._login.get(resource)
-        if login is None or resource in self._loading:
+    def _schedule(self, resource: str, delay: float) -> None:
+        """(Re)arm the read of ``resource`` ``delay`` seconds from now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tests): ensure() reads when one runs
             return
-        if now - self._failed_at.get(resource, -RETRY_AFTER) < RETRY_AFTER:
-            return
-        with contextlib.suppress(RuntimeError):  # no running loop: the next view() retries
-            self._start(resource, login)
+        timer = self._timers.pop(resource, None)
+        if timer is not None:
+            timer.cancel()
+        self._timers[resource] = loop.call_later(delay, self._due, resource)
 
-    def _start(self, name: str, login: tuple[Resource, Account]) -> asyncio.Task[Functions]:
-        task = asyncio.get_running_loop().create_task(self._read(name, login))
+    def _due(self, resource: str) -> None:
+        self._timers.pop(resource, None)
+        if resource in self._loading:  # the read under way may predate a change: look again
+            self._schedule(resource, SETTLE)
+        elif resource in self._login:
+            self._start(resource)
+
+    def _start(self, name: str) -> asyncio.Task[Functions]:
+        task = asyncio.get_running_loop().create_task(self._read(name))
         self._loading[name] = task
         task.add_done_callback(_retrieve)  # a failed background refresh is logged, not raised
         return task
 
-    async def _read(self, name: str, login: tuple[Resource, Account]) -> Functions:
+    async def _read(self, name: str) -> Functions:
+        resource, account = self._login[name]
         started = self._clock()
         try:
             try:
-                functions = await self._reader(login[0], login[1], started, self.count_all)
+                functions = await self._reader(resource, account, started, self.count_all)
             except CatalogError:
                 raise
             except Exception as exc:  # e.g. the account's password is not configured
                 raise CatalogError(str(exc) or type(exc).__name__) from None
         except CatalogError as exc:
-            self._failed_at[name] = self._clock()
             if name in self._functions:
                 log.warning("functions of resource %s not read again (the last read stays): %s",
                             name, exc)
+                self._schedule(name, RETRY_AFTER)
             else:
                 log.error("functions of resource %s cannot be read: %s", name, exc)
             raise
         finally:
             self._loading.pop(name, None)
         self._functions[name] = functions
+        changed = self._changed_at.get(name)
+        if changed is not None and started < changed + SETTLE:
+            self._views[name] = _strict(functions)  # a change may postdate what was read
+            self._schedule(name, max(0.0, changed + SETTLE - self._clock()))
+        else:
+            self._views[name] = (functions.volatile, functions.known, functions.runs)
+            self._schedule(name, self.refresh)
         log.info("functions of resource %s read: %d names, %d that may write, %d relations "
                  "that call them", name, len(functions.known), len(functions.volatile),
                  len(functions.runs))
         return functions
+
+
+def _strict(functions: Functions) -> View:
+    return functions.volatile, _EVERY_CALL, functions.may_run | functions.runs

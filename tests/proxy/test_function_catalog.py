@@ -161,62 +161,94 @@ def test_any_reader_failure_is_a_catalog_error() -> None:
     asyncio.run(run())
 
 
-def test_names_are_read_again_after_refresh_and_a_failure_keeps_the_old_ones() -> None:
+def _fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timers of a few tens of milliseconds instead of seconds."""
+    from proxy import function_catalog
+
+    monkeypatch.setattr(function_catalog, "SETTLE", 0.05)
+    monkeypatch.setattr(function_catalog, "RETRY_AFTER", 0.05)
+
+
+def test_names_are_read_again_after_refresh_and_a_failure_keeps_the_old_ones(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _fast(monkeypatch)
+
     async def run() -> None:
-        catalog, reader, clock = _catalog(refresh=60)
+        catalog = FunctionCatalog(FunctionSettings(refresh=0.2), reader=(reader := _Reader(_Clock())))
         await catalog.ensure(RESOURCE, ACCOUNT)
-        clock.now += 30
-        catalog.view("db")
-        await _settle()
         assert reader.calls == 1
-        clock.now += 31
+        await asyncio.sleep(0.1)
+        assert reader.calls == 1  # not yet due
         reader.rows.append(("public", "later", "true", "false"))
-        catalog.view("db")  # stale: a read starts in the background
-        await _settle()
-        assert reader.calls == 2
+        await asyncio.sleep(0.2)
+        assert reader.calls == 2  # the periodic read
         view = catalog.view("db")
         assert view is not None and "later" in view[0]
-        clock.now += 61
         reader.fail = True
-        catalog.view("db")
-        await _settle()
-        assert reader.calls == 3
+        await asyncio.sleep(0.22)
+        assert reader.calls >= 3
         view = catalog.view("db")
         assert view is not None and "later" in view[0]  # the last good read stays
-        catalog.view("db")
-        await _settle()
-        assert reader.calls == 3  # failures are retried after a pause, not on every statement
-        clock.now += 6
+        failed = reader.calls
         reader.fail = False
-        catalog.view("db")
-        await _settle()
-        assert reader.calls == 4
+        await asyncio.sleep(0.1)  # retried after RETRY_AFTER, not after a whole refresh
+        assert reader.calls > failed
 
     asyncio.run(run())
 
 
-def test_after_a_change_nothing_is_vouched_for_until_a_read_that_started_later() -> None:
+def test_after_a_change_nothing_is_vouched_for_until_a_read_that_started_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _fast(monkeypatch)
+
     async def run() -> None:
-        catalog, reader, clock = _catalog(refresh=60)
+        reader = _Reader(_Clock())
+        catalog = FunctionCatalog(FunctionSettings(refresh=3600), reader=reader)  # real clock
         await catalog.ensure(RESOURCE, ACCOUNT)
         functions = functions_from_rows(ROWS, RELATIONS, started_at=0)
         normal = (functions.volatile, functions.known, functions.runs)
         strict = (functions.volatile, frozenset(), functions.may_run | functions.runs)
         assert catalog.view("db") == normal
         catalog.note_change("db")
-        assert catalog.view("db") == strict
-        clock.now += 0.5
-        await _settle()
-        assert catalog.view("db") == strict
+        assert catalog.view("db") == strict  # at once, before any read
         assert reader.calls == 1
-        clock.now += 1  # SETTLE has passed: a read starts, and only its result ends it
-        assert catalog.view("db") == strict
-        await _settle()
+        await asyncio.sleep(0.1)  # SETTLE has passed: a read ran, and its result ends it
         assert reader.calls == 2
         assert catalog.view("db") == normal
         catalog.note_change("other-resource")  # other resources are not affected
         assert catalog.view("db") == normal
         assert catalog.strict("db") == strict  # what a session that changed functions gets
+
+    asyncio.run(run())
+
+
+def test_a_read_that_began_before_a_change_does_not_end_the_window(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _fast(monkeypatch)
+
+    async def run() -> None:
+        reader = _Reader(_Clock())
+        catalog = FunctionCatalog(FunctionSettings(refresh=3600), reader=reader)  # real clock
+        await catalog.ensure(RESOURCE, ACCOUNT)
+        gate = asyncio.Event()
+        original = reader.__call__
+
+        async def slow(resource: Resource, account: Account, started: float,
+                       count_all: bool) -> Functions:
+            await gate.wait()
+            return await original(resource, account, started, count_all)
+
+        catalog._reader = slow
+        catalog._start("db")  # a read under way ...
+        await asyncio.sleep(0.01)
+        catalog.note_change("db")  # ... when a change passes
+        gate.set()
+        await asyncio.sleep(0.01)
+        view = catalog.view("db")
+        assert view is not None and view[1] == frozenset()  # still strict
+        await asyncio.sleep(0.2)
+        view = catalog.view("db")
+        assert view is not None and view[1] != frozenset()  # a later read ended it
 
     asyncio.run(run())
 
