@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from config.yamlnodes import ConfigError
 from policies.classify import Classification, StatementInfo, classify, combined, unknown
@@ -111,6 +111,9 @@ class Commands(Protocol):
 FunctionFacts = tuple[frozenset[str], frozenset[str], frozenset[str]]
 _NO_FACTS: FunctionFacts = (frozenset(), frozenset(), frozenset())  # every function call may write
 _CHANGED = "functions_changed"  # session.state: this session let through DDL, DO or CALL
+# session.state: (text, policy set, function facts) of the last one-statement unit the
+# policies themselves allowed without an audit event (see PolicyDecider.decide)
+_LAST = "last_allowed"
 
 
 class FunctionView(Protocol):
@@ -213,7 +216,26 @@ class PolicyDecider:
         self._decisions[key] = (policy_set, decision)
         return decision
 
+    def _facts(self, session: SessionInfo) -> object:
+        """What the function facts of this session are now, as an object to compare by
+        identity (a new view object whenever the catalog was read or a change noted)."""
+        functions = self.functions
+        if functions is None:
+            return None
+        if _CHANGED in session.state:
+            return session  # never equal to a stored one: no shortcut in such a session
+        return functions.view(session.resource)
+
     def decide(self, session: SessionInfo, unit: Unit) -> Decision:
+        # The session's shortcut: the very text object the policies allowed last time
+        # (a prepared statement executed again, an unnamed Parse the client repeats),
+        # under the same policy set and function facts, classifies the same way.
+        statements = unit.statements
+        if len(statements) == 1:
+            last = cast("tuple[str, PolicySet, object] | None", session.state.get(_LAST))
+            if last is not None and last[0] is statements[0].sql \
+                    and last[1] is self.policies.current and last[2] is self._facts(session):
+                return ALLOW
         classification = self.classify_unit(session, unit)
         result = self._decide(session, unit, classification)
         functions = self.functions
@@ -235,6 +257,15 @@ class PolicyDecider:
             result = dataclasses.replace(result, hold=hold)
         return result
 
+    def _remember(self, session: SessionInfo, unit: Unit, classification: Classification,
+                  policy_set: PolicySet) -> None:
+        """Keep the session's shortcut (see decide) for a unit the policies allowed unaudited."""
+        sql = unit.statements[0].sql if len(unit.statements) == 1 else None
+        if sql is None or any(s.effect is not None or s.executes is not None
+                              for s in classification.statements):
+            return  # session state (PREPARE, EXECUTE, DEALLOCATE) takes part: no shortcut
+        session.state[_LAST] = (sql, policy_set, self._facts(session))
+
     def _decide(self, session: SessionInfo, unit: Unit, classification: Classification) -> Decision:
         auditor = self.auditor
         policy_set = self.policies.current
@@ -246,6 +277,7 @@ class PolicyDecider:
         memo = self._allowed.get(id(classification))
         if memo is not None and memo[0] is classification and memo[1] is policy_set \
                 and memo[2] == identity:
+            self._remember(session, unit, classification, policy_set)
             return ALLOW
         # pgvouch's own commands come next: a shape in the memo above was looked
         # at here when first seen (identifiers are part of the shape), and the
@@ -261,6 +293,7 @@ class PolicyDecider:
                 if len(self._allowed) >= _DECISION_CACHE:
                     self._allowed.clear()
                 self._allowed[id(classification)] = (classification, policy_set, identity)
+                self._remember(session, unit, classification, policy_set)
                 return ALLOW
             if unaudited:
                 auditor.enqueue(statement_event("statement.allowed", session, unit,

@@ -1,0 +1,126 @@
+"""PolicyDecider's per-session shortcut: the same text object allowed last time.
+
+The shortcut may only ever answer what a full decision would: it must not
+outlive a policy reload, a change of the function facts, a session that
+changed functions, statements with session effects, or reads that need an
+audit event.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from policies.kinds import Kind
+from proxy.decide import SessionInfo, Statement, Unit
+from proxy.policy_decider import PolicyDecider, load_live_policies
+
+POLICY = """
+policies:
+  - name: reads
+    match: {resources: ["app"]}
+    rules:
+      - when: {kinds: [read, session]}
+        action: allow
+defaults: {action: deny}
+"""
+
+
+def _decider(tmp_path: Path, text: str = POLICY) -> PolicyDecider:
+    directory = tmp_path / "policies"
+    directory.mkdir(exist_ok=True)
+    (directory / "p.yaml").write_text(text)
+    return PolicyDecider(load_live_policies(str(directory), {"alice": ()}))
+
+
+def _session() -> SessionInfo:
+    return SessionInfo("s1", "alice", (), "app", "app")
+
+
+class _Facts:
+    def __init__(self) -> None:
+        self.current: tuple[frozenset[str], frozenset[str], frozenset[str]] = (
+            frozenset(), frozenset({"now"}), frozenset())
+        self.changes = 0
+
+    def view(self, resource: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        return self.current
+
+    def strict(self, resource: str) -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
+        return self.current[0], frozenset(), self.current[2]
+
+    def note_change(self, resource: str) -> None:
+        self.changes += 1
+
+
+def _unit(sql: str) -> Unit:
+    return Unit((Statement(sql, "execute"),), True)
+
+
+def test_the_same_text_object_is_allowed_without_classifying_again(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import proxy.policy_decider as module
+
+    decider = _decider(tmp_path)
+    session = _session()
+    sql = "SELECT c FROM t WHERE id = $1"
+    calls: list[str] = []
+    real = module.classify
+
+    def counting(text: str, **kwargs: object) -> object:
+        calls.append(text)
+        return real(text, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "classify", counting)
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    assert calls == [sql]  # the second time, the shortcut answered
+    # an equal but different text object goes the full way
+    assert decider.decide(session, _unit("".join(["SELECT c FROM t WHERE id = ", "$1"]))).action \
+        == "allow"
+    assert len(calls) == 2
+
+
+def test_a_policy_reload_ends_the_shortcut(tmp_path: Path) -> None:
+    decider = _decider(tmp_path)
+    session = _session()
+    sql = "SELECT c FROM t"
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    (tmp_path / "policies" / "p.yaml").write_text(POLICY.replace("action: allow", "action: deny"))
+    assert decider.policies.reload()
+    assert decider.decide(session, _unit(sql)).action == "deny"
+
+
+def test_new_function_facts_end_the_shortcut(tmp_path: Path) -> None:
+    decider = _decider(tmp_path)
+    facts = _Facts()
+    decider.functions = facts
+    session = _session()
+    sql = "SELECT f()"
+    facts.current = (frozenset(), frozenset({"f"}), frozenset())
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    facts.current = (frozenset({"f"}), frozenset({"f"}), frozenset())  # f is volatile now
+    decision = decider.decide(session, _unit(sql))
+    assert decision.action == "deny"
+    assert "Statement kind: write" in (decision.detail or "")
+
+
+def test_no_shortcut_in_a_session_that_changed_functions(tmp_path: Path) -> None:
+    decider = _decider(tmp_path, POLICY.replace("[read, session]", "[read, session, ddl]"))
+    facts = _Facts()
+    decider.functions = facts
+    session = _session()
+    sql = "SELECT now()"
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    ddl = "CREATE FUNCTION now(int) RETURNS int LANGUAGE sql AS 'SELECT 1'"
+    assert decider.decide(session, _unit(ddl)).action == "allow"
+    # now() may be shadowed by what this session created: no call is vouched for
+    assert decider.decide(session, _unit(sql)).action == "deny"
+
+
+def test_no_shortcut_for_session_effects(tmp_path: Path) -> None:
+    decider = _decider(tmp_path)
+    session = _session()
+    prepare = "PREPARE q AS SELECT 1"
+    assert decider.decide(session, _unit(prepare)).action == "allow"
+    assert "last_allowed" not in session.state or session.state["last_allowed"][0] is not prepare
+    assert Kind.SESSION  # (PREPARE of a read is a session statement)
