@@ -666,6 +666,12 @@ def _vote_operation(summary: str, description: str) -> JSONObject:
     }
 
 
+def _query(name: str, description: str, schema: JSONObject) -> JSONObject:
+    """An optional query parameter of the OpenAPI document."""
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}
+
+
 def _limit(default: int, maximum: int) -> JSONObject:
     return {"name": "limit", "in": "query", "required": False,
             "schema": {"type": "integer", "minimum": 1, "maximum": maximum, "default": default}}
@@ -705,9 +711,8 @@ OPENAPI: JSONObject = {
                 "parameters": [
                     {"name": "status", "in": "query", "required": False,
                      "schema": {"enum": [str(s) for s in Status]}},
-                    {"name": "resource", "in": "query", "required": False,
-                     "description": "fnmatch glob on the resource name, e.g. prod-*",
-                     "schema": {"type": "string"}},
+                    _query("resource", "fnmatch glob on the resource name, e.g. prod-*",
+                           {"type": "string"}),
                     _limit(DEFAULT_LIMIT, MAX_LIST_LIMIT),
                 ],
                 "responses": {
@@ -783,11 +788,9 @@ OPENAPI: JSONObject = {
             "get": {
                 "summary": "List grant requests, newest first (among the newest 500 requests)",
                 "parameters": [
-                    {"name": "active", "in": "query", "required": False,
-                     "description": "true: only approved grants whose window is open",
-                     "schema": {"type": "boolean"}},
-                    {"name": "mine", "in": "query", "required": False,
-                     "description": "true: only your own grants", "schema": {"type": "boolean"}},
+                    _query("active", "true: only approved grants whose window is open",
+                           {"type": "boolean"}),
+                    _query("mine", "true: only your own grants", {"type": "boolean"}),
                     _limit(DEFAULT_LIMIT, MAX_LIST_LIMIT),
                 ],
                 "responses": {
@@ -809,12 +812,10 @@ OPENAPI: JSONObject = {
             "get": {
                 "summary": "Audit events in id order",
                 "parameters": [
-                    {"name": "since", "in": "query", "required": False,
-                     "description": "unix seconds or ISO 8601 (UTC unless it says otherwise)",
-                     "schema": {"type": "string"}},
-                    {"name": "after_id", "in": "query", "required": False,
-                     "description": "page on: the previous page's next_after_id",
-                     "schema": {"type": "integer", "minimum": 0}},
+                    _query("since", "unix seconds or ISO 8601 (UTC unless it says otherwise)",
+                           {"type": "string"}),
+                    _query("after_id", "page on: the previous page's next_after_id",
+                           {"type": "integer", "minimum": 0}),
                     _limit(DEFAULT_LIMIT, MAX_AUDIT_LIMIT),
                 ],
                 "responses": {"200": _json(_ref("AuditPage"), "A page of events"),

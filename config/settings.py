@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -406,17 +407,26 @@ def _hold(node: Node | None) -> HoldSettings:
     )
 
 
+def _duration_within(m: Mapping, key: str, default: float, valid: Callable[[float], bool],
+                     message: str) -> float:
+    """``m[key]`` as a duration (``default`` when absent), refused with ``message`` unless valid."""
+    if key not in m:
+        return default
+    value = m[key].duration()
+    if not valid(value):
+        raise m[key].error(message)
+    return value
+
+
 def _preview(node: Node | None) -> PreviewSettings:
     d = PreviewSettings()
     if node is None:
         return d
     m = node.mapping(("enabled", "stale_after", "timeout"))
-    stale_after = m["stale_after"].duration() if "stale_after" in m else d.stale_after
-    if stale_after <= 0:
-        raise m["stale_after"].error("stale_after must be a positive duration such as 30m")
-    timeout = m["timeout"].duration() if "timeout" in m else d.timeout
-    if not 0 < timeout <= 300:
-        raise m["timeout"].error("timeout must be a duration between 1ms and 5m, such as 5s")
+    stale_after = _duration_within(m, "stale_after", d.stale_after, lambda v: v > 0,
+                                   "stale_after must be a positive duration such as 30m")
+    timeout = _duration_within(m, "timeout", d.timeout, lambda v: 0 < v <= 300,
+                               "timeout must be a duration between 1ms and 5m, such as 5s")
     return PreviewSettings(enabled=m["enabled"].bool() if "enabled" in m else d.enabled,
                            stale_after=stale_after, timeout=timeout)
 
@@ -426,9 +436,8 @@ def _functions(node: Node | None) -> FunctionSettings:
     if node is None:
         return d
     m = node.mapping(("volatility", "refresh", "user"))
-    refresh = m["refresh"].duration() if "refresh" in m else d.refresh
-    if not 1 <= refresh <= 24 * 3600:
-        raise m["refresh"].error("refresh must be a duration between 1s and 24h, such as 60s")
+    refresh = _duration_within(m, "refresh", d.refresh, lambda v: 1 <= v <= 24 * 3600,
+                               "refresh must be a duration between 1s and 24h, such as 60s")
     return FunctionSettings(
         volatility=m["volatility"].bool() if "volatility" in m else d.volatility, refresh=refresh,
         user=m["user"].choice(("volatile", "all")) if "user" in m else d.user,

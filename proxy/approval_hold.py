@@ -34,7 +34,7 @@ from proxy import sqlstate
 from proxy.break_glass import BreakGlassCheck
 from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
 from proxy.grant_coverage import GrantCheck, GrantUsed
-from proxy.statement_audit import StatementAuditor
+from proxy.statement_audit import ReviewedUnit, StatementAuditor
 
 log = logging.getLogger("pgvouch.hold")
 
@@ -288,9 +288,9 @@ class ApprovalReviewer:
                decision: PolicyDecision) -> Decision:
         database = self.settings.resources[session.resource].database
         subject = _subject(session, unit, classification, database)
-        check = GrantCheck(self.service, self.auditor, session, unit, classification, decision,
-                           self.on_grant_use)
-        approvals_off = BreakGlassCheck(self.modes, self.auditor, session, unit, classification, decision)
+        reviewed = ReviewedUnit(session, unit, classification, decision)
+        check = GrantCheck(self.service, self.auditor, reviewed, self.on_grant_use)
+        approvals_off = BreakGlassCheck(self.modes, self.auditor, reviewed)
         hold = StatementHold(self.service, self.settings.hold, session, subject, decision, check,
                              break_glass=approvals_off)
         return Decision("hold", policy=decision.policy, hold=hold)

@@ -20,11 +20,9 @@ from typing import Any
 
 from approvals.approval_mode import ApprovalModes
 from approvals.store import StoreError
-from policies.classify import Classification
-from policies.evaluate import Decision as PolicyDecision
 from proxy import sqlstate
-from proxy.decide import Decision, SessionInfo, Unit, deny
-from proxy.statement_audit import StatementAuditor, statement_event
+from proxy.decide import Decision, deny
+from proxy.statement_audit import ReviewedUnit, StatementAuditor, review_store_unavailable
 
 log = logging.getLogger("pgvouch.hold")
 
@@ -34,29 +32,24 @@ BREAK_GLASS_EVENT = "statement.break_glass"
 class BreakGlassCheck:
     """For one unit a policy put up for review: does it run directly because approvals are off?"""
 
-    def __init__(self, modes: ApprovalModes, auditor: StatementAuditor, session: SessionInfo,
-                 unit: Unit, classification: Classification, decision: PolicyDecision) -> None:
+    def __init__(self, modes: ApprovalModes, auditor: StatementAuditor,
+                 reviewed: ReviewedUnit) -> None:
         self.modes = modes
         self.auditor = auditor
-        self.session = session
-        self.unit = unit
-        self.classification = classification
-        self.decision = decision
+        self.reviewed = reviewed
         self.event: dict[str, Any] | None = None  # the audit event of a unit that ran unreviewed
 
     async def run(self) -> Decision | str | None:
         """None: approvals are on (hold as usual). A NOTICE: audited, run it now. Else a refusal."""
-        s = self.session
+        s = self.reviewed.session
         try:
             mode = await self.modes.off_for(s.resource)
         except StoreError as exc:
             log.error("approvals store unavailable, cannot read the approval mode: %s", exc)
-            return deny("pgvouch: the approvals store is unavailable, so this statement, which "
-                        "needs approval, was not run", code=sqlstate.STORE_UNAVAILABLE)
+            return review_store_unavailable()
         if mode is None:
             return None
-        event = statement_event(BREAK_GLASS_EVENT, s, self.unit, self.classification,
-                                self.decision.policy, f"approvals are off for {mode.glob}")
+        event = self.reviewed.event(BREAK_GLASS_EVENT, f"approvals are off for {mode.glob}")
         event["break_glass"] = {"resources": mode.glob, "switched_off_by": mode.actor,
                                 "switched_off_at": mode.changed_at, "reason": mode.reason}
         try:

@@ -41,8 +41,8 @@ from policies.evaluate import Decision as PolicyDecision
 from policies.evaluate import statements_under_review
 from policies.globs import tables_match
 from proxy import sqlstate
-from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
-from proxy.statement_audit import StatementAuditor, statement_event
+from proxy.decide import ALLOW, Decision, deny
+from proxy.statement_audit import ReviewedUnit, StatementAuditor, review_store_unavailable
 
 log = logging.getLogger("pgvouch.grants")
 
@@ -86,35 +86,31 @@ def approved_for(grant: Request, decision: PolicyDecision, now: float) -> bool:
 class GrantCheck:
     """For one held unit: run it under a grant that covers it, if there is one."""
 
-    def __init__(self, service: ApprovalService, auditor: StatementAuditor, session: SessionInfo,
-                 unit: Unit, classification: Classification, decision: PolicyDecision,
-                 on_use: GrantUsed | None = None) -> None:
+    def __init__(self, service: ApprovalService, auditor: StatementAuditor,
+                 reviewed: ReviewedUnit, on_use: GrantUsed | None = None) -> None:
         self.service = service
         self.auditor = auditor
-        self.session = session
-        self.unit = unit
-        self.classification = classification
-        self.decision = decision
+        self.reviewed = reviewed
         self.on_use = on_use
 
     async def run(self) -> Decision | None:
         """ALLOW once audited under a covering grant; a refusal if that cannot be done; None: no grant."""
-        if self.decision.jit_max_duration is None:
+        unit = self.reviewed
+        decision, classification = unit.decision, unit.classification
+        if decision.jit_max_duration is None:
             return None  # a deciding rule has no jit: only per-statement review will do
-        s, now = self.session, self.service.clock()
+        s, now = unit.session, self.service.clock()
         try:
             grants = await self.service.store.active_grants(s.user, s.resource, s.account, now)
         except StoreError as exc:
             log.error("approvals store unavailable while looking for grants: %s", exc)
-            return deny("pgvouch: the approvals store is unavailable, so this statement, which "
-                        "needs approval, was not run", code=sqlstate.STORE_UNAVAILABLE)
-        reviewed = statements_under_review(self.decision, len(self.classification.statements))
-        grant = next((g for g in grants if covers(g, self.classification, reviewed)
-                      and approved_for(g, self.decision, now)), None)
+            return review_store_unavailable()
+        reviewed = statements_under_review(decision, len(classification.statements))
+        grant = next((g for g in grants if covers(g, classification, reviewed)
+                      and approved_for(g, decision, now)), None)
         if grant is None:
             return None
-        event = statement_event("statement.allowed", s, self.unit, self.classification,
-                                self.decision.policy, f"covered by grant {grant.id}")
+        event = unit.event("statement.allowed", f"covered by grant {grant.id}")
         event["grant"] = grant.id
         event["request_id"] = grant.id
         try:

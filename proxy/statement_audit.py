@@ -18,16 +18,39 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
 
 from approvals.store import Store, StoreError
 from policies.classify import Classification
+from policies.evaluate import Decision as PolicyDecision
 from proxy import sqlstate
 from proxy.decide import ALLOW, Decision, SessionInfo, Unit, deny
 
 log = logging.getLogger("pgvouch.audit")
 
 QUEUE_LIMIT = 10_000
+
+
+@dataclass(frozen=True)
+class ReviewedUnit:
+    """A unit a policy put up for review, with what the decision was based on."""
+
+    session: SessionInfo
+    unit: Unit
+    classification: Classification
+    decision: PolicyDecision
+
+    def event(self, kind: str, reason: str) -> dict[str, Any]:
+        """Its audit event of type ``kind`` (see :func:`statement_event`)."""
+        return statement_event(kind, self.session, self.unit, self.classification,
+                               self.decision.policy, reason)
+
+
+def review_store_unavailable() -> Decision:
+    """The refusal of a statement that needs approval while the approvals store is down."""
+    return deny("pgvouch: the approvals store is unavailable, so this statement, which "
+                "needs approval, was not run", code=sqlstate.STORE_UNAVAILABLE)
 
 
 def statement_event(kind: str, session: SessionInfo, unit: Unit, classification: Classification,

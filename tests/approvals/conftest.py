@@ -37,8 +37,15 @@ async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    dsn = pg_dsn(request.getfixturevalue("pg"))
-    schema = f"pgvouch_t{uuid.uuid4().hex[:12]}"
+    async with throwaway_schema_url(request.getfixturevalue("pg"), "pgvouch_t") as url:
+        yield url
+
+
+@asynccontextmanager
+async def throwaway_schema_url(pg: Any, prefix: str) -> AsyncIterator[str]:
+    """A PostgreSQL store URL with a fresh schema, dropped afterwards."""
+    dsn = pg_dsn(pg)
+    schema = f"{prefix}{uuid.uuid4().hex[:12]}"
     yield f"{dsn}?schema={schema}"
     conn = await asyncpg.connect(dsn)
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from approvals.pg_notify import APPLICATION_NAME, REQUEST, ChangeListener, chang
 from approvals.pg_store import PgStore
 from approvals.service import ApprovalService
 from approvals.store import split_pg_url
-from tests.approvals.conftest import pg_dsn
+from tests.approvals.conftest import pg_dsn, throwaway_schema_url
 from tests.approvals.helpers import DIRECTORY, T0, make_request
 
 Heard = list[str]
@@ -28,14 +27,8 @@ Heard = list[str]
 
 @pytest.fixture
 async def pg_url(pg: Any) -> AsyncIterator[str]:
-    dsn = pg_dsn(pg)
-    schema = f"pgvouch_n{uuid.uuid4().hex[:12]}"
-    yield f"{dsn}?schema={schema}"
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
+    async with throwaway_schema_url(pg, "pgvouch_n") as url:
+        yield url
 
 
 @pytest.fixture

@@ -348,6 +348,14 @@ def replica_pair(pg: PgServer, schema: str, write_config: Callable[[str], tuple[
         pg.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', database="postgres")
 
 
+def replica_config(tmp_path: Path, name: str, text: str, port: int,
+                   api_port: int) -> tuple[Path, int, int]:
+    """Write replica ``name``'s config: (path, proxy port, API port), as start_replica wants."""
+    config = tmp_path / f"replica-{name}.yaml"
+    config.write_text(text)
+    return config, port, api_port
+
+
 def write_policies(directory: Path, text: str) -> Path:
     """``directory`` (made here) holding ``text`` as its one policy file, app.yaml."""
     directory.mkdir()

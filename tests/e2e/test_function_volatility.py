@@ -109,6 +109,20 @@ def _refused_with(proxy: Any, sql: str, text: str) -> str | None:
     return result.stderr if text in result.stderr else None
 
 
+def _change_then_call(proxy: Any, pg: Any, ddl: str, call: str, function: str) -> None:
+    """``ddl`` passes; ``call`` from another session is refused at once (nothing is vouched
+    for), and again once the catalog was read again (``function`` is volatile now)."""
+    changed = _run(proxy, ddl)
+    assert changed.returncode == 0, changed.stderr
+    refused = _run(proxy, call)
+    assert refused.returncode != 0
+    assert f"{function}, which pgvouch cannot vouch for" in refused.stderr
+    assert _count(pg) == "5"
+    later = wait_for(lambda: _refused_with(proxy, call, "a volatile function of this resource"))
+    assert f"{function}, a volatile function of this resource" in later
+    assert _count(pg) == "5"
+
+
 def _count(pg: Any) -> str:
     return str(pg.psql("SELECT count(*) FROM vol_rows")).strip()
 
@@ -155,37 +169,20 @@ def test_after_ddl_through_the_proxy_user_functions_are_not_reads(volatility_pro
                                                                   pg: Any) -> None:
     assert _run(volatility_proxy, "SELECT vol_later()").stdout.strip() == "7"
     # allowed DDL that makes vol_later() delete rows; the catalog read before does not know it
-    changed = _run(volatility_proxy, """
+    _change_then_call(volatility_proxy, pg, """
         CREATE OR REPLACE FUNCTION vol_later() RETURNS int LANGUAGE sql VOLATILE
-          AS $$ DELETE FROM vol_rows; SELECT 7 $$""")
-    assert changed.returncode == 0, changed.stderr
-    refused = _run(volatility_proxy, "SELECT vol_later()")  # another session, at once
-    assert refused.returncode != 0
-    assert "vol_later(), which pgvouch cannot vouch for" in refused.stderr
-    assert _count(pg) == "5"
-    # once the catalog was read again, it knows: volatile now; built-ins are reads again
-    refused = wait_for(lambda: _refused_with(volatility_proxy, "SELECT vol_later()",
-                                             "a volatile function of this resource"))
-    assert "vol_later(), a volatile function of this resource" in refused
+          AS $$ DELETE FROM vol_rows; SELECT 7 $$""", "SELECT vol_later()", "vol_later()")
+    # built-ins are reads again
     assert _run(volatility_proxy, "SELECT lower('X'), now() IS NOT NULL").stdout.strip() == "x|t"
 
 
 def test_a_new_overload_of_a_built_in_is_not_a_read_meanwhile(volatility_proxy: Any,
                                                               pg: Any) -> None:
     assert _run(volatility_proxy, "SELECT lower('X')").stdout.strip() == "x"
-    created = _run(volatility_proxy, """
-        CREATE FUNCTION public.lower(integer) RETURNS text LANGUAGE sql VOLATILE
-          AS $$ DELETE FROM vol_rows; SELECT 'x' $$""")
-    assert created.returncode == 0, created.stderr
-    refused = _run(volatility_proxy, "SELECT lower(5)")
-    assert refused.returncode != 0
-    assert "lower(), which pgvouch cannot vouch for" in refused.stderr
-    assert _count(pg) == "5"
     # after the next read of the catalog, "lower" has a volatile overload of ours
-    refused_later = wait_for(lambda: _refused_with(volatility_proxy, "SELECT lower(5)",
-                                                   "a volatile function of this resource"))
-    assert "lower(), a volatile function of this resource" in refused_later
-    assert _count(pg) == "5"
+    _change_then_call(volatility_proxy, pg, """
+        CREATE FUNCTION public.lower(integer) RETURNS text LANGUAGE sql VOLATILE
+          AS $$ DELETE FROM vol_rows; SELECT 'x' $$""", "SELECT lower(5)", "lower()")
 
 
 def test_a_session_that_changed_functions_vouches_for_none_of_its_calls(

@@ -40,6 +40,7 @@ from tests.e2e.helpers import (
     policy,
     post_slack_interaction,
     proxy_dsn,
+    replica_config,
     replica_pair,
     review,
     wait_for,
@@ -154,9 +155,7 @@ def _write_config(tmp_path: Path, pg: PgServer, name: str) -> tuple[Path, int, i
     text = add_user_fields(config_yaml(pg, port=port, api_port=api_port, extra=extra), {
         user: [f"api_token_sha256: {token_hash(token)}", f"slack_id: {SLACK_IDS[user]}"]
         for user, token in TOKENS.items()})
-    config = tmp_path / f"replica-{name}.yaml"
-    config.write_text(text)
-    return config, port, api_port
+    return replica_config(tmp_path, name, text, port, api_port)
 
 
 @pytest.fixture

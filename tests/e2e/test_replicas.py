@@ -33,6 +33,7 @@ from tests.e2e.helpers import (
     audit_verify,
     balance,
     policy,
+    replica_config,
     replica_pair,
     review,
     wait_for,
@@ -99,9 +100,7 @@ def _write_config(tmp_path: Path, pg: PgServer, name: str, receiver: Receiver) -
         "secret_env: PGV_TEST_WEBHOOK_SECRET}]}\n"
     )
     text = add_tokens(config_yaml(pg, port=port, api_port=api_port, extra=extra), TOKENS)
-    config = tmp_path / f"replica-{name}.yaml"
-    config.write_text(text)
-    return config, port, api_port
+    return replica_config(tmp_path, name, text, port, api_port)
 
 
 @pytest.fixture

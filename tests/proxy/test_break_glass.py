@@ -23,7 +23,7 @@ from proxy import sqlstate
 from proxy.approval_hold import StatementHold
 from proxy.break_glass import BreakGlassCheck
 from proxy.decide import ALLOW, Decision, SessionInfo, Statement, Unit
-from proxy.statement_audit import StatementAuditor
+from proxy.statement_audit import ReviewedUnit, StatementAuditor
 
 SQL = "UPDATE accounts SET balance = 0 WHERE id = 7"
 OWNER = User("frank", ("dba",), roles=("owner",))
@@ -34,8 +34,8 @@ DECISION = PolicyDecision(Action.REVIEW, "prod-writes", "#1", 0, None, "writes n
 
 def check_on(store: Store, session: SessionInfo = SESSION) -> BreakGlassCheck:
     service = ApprovalService(store, {"alice": ("developers",), "bob": ("dba",)})
-    return BreakGlassCheck(ApprovalModes(service), StatementAuditor(store), session,
-                           Unit((Statement(SQL),)), classify(SQL), DECISION)
+    return BreakGlassCheck(ApprovalModes(service), StatementAuditor(store),
+                           ReviewedUnit(session, Unit((Statement(SQL),)), classify(SQL), DECISION))
 
 
 async def switch_off(store: Store, glob: str = "prod-*") -> None:

@@ -197,14 +197,20 @@ def test_names_are_read_again_after_refresh_and_a_failure_keeps_the_old_ones(
     asyncio.run(run())
 
 
+async def _read_once() -> tuple[FunctionCatalog, _Reader]:
+    """A catalog on the real clock (its timers run), read once."""
+    reader = _Reader(_Clock())
+    catalog = FunctionCatalog(FunctionSettings(refresh=3600), reader=reader)
+    await catalog.ensure(RESOURCE, ACCOUNT)
+    return catalog, reader
+
+
 def test_after_a_change_nothing_is_vouched_for_until_a_read_that_started_later(
         monkeypatch: pytest.MonkeyPatch) -> None:
     _fast(monkeypatch)
 
     async def run() -> None:
-        reader = _Reader(_Clock())
-        catalog = FunctionCatalog(FunctionSettings(refresh=3600), reader=reader)  # real clock
-        await catalog.ensure(RESOURCE, ACCOUNT)
+        catalog, reader = await _read_once()
         functions = functions_from_rows(ROWS, RELATIONS, started_at=0)
         normal = (functions.volatile, functions.known, functions.runs)
         strict = (functions.volatile, frozenset(), functions.may_run | functions.runs)
@@ -227,9 +233,7 @@ def test_a_read_that_began_before_a_change_does_not_end_the_window(
     _fast(monkeypatch)
 
     async def run() -> None:
-        reader = _Reader(_Clock())
-        catalog = FunctionCatalog(FunctionSettings(refresh=3600), reader=reader)  # real clock
-        await catalog.ensure(RESOURCE, ACCOUNT)
+        catalog, reader = await _read_once()
         gate = asyncio.Event()
         original = reader.__call__
 
