@@ -108,6 +108,14 @@ def integer_form(sql: str) -> bytes | None:
         return None
 
 
+def learnt_form(sql: str) -> bytes | None:
+    """``sql``'s integer form when it is learnt: then every text of that form
+    classifies as ``sql`` does, under the same session state and function
+    facts (see "Caches" above). None when the form is not (or no longer) known."""
+    form = integer_form(sql)
+    return form if form is not None and form in _FORMS else None
+
+
 @dataclass(frozen=True, slots=True)
 class Prepare:
     """Effect of ``PREPARE name AS ...``: the inner statement, classified."""

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Protocol, cast
 
 from config.yamlnodes import ConfigError
-from policies.classify import Classification, StatementInfo, classify, combined, unknown
+from policies.classify import (
+    Classification,
+    StatementInfo,
+    classify,
+    combined,
+    integer_form,
+    learnt_form,
+    unknown,
+)
 from policies.evaluate import Decision as PolicyDecision
 from policies.evaluate import Identity, evaluate, may_write
 from policies.kinds import Kind
@@ -111,9 +119,24 @@ class Commands(Protocol):
 FunctionFacts = tuple[frozenset[str], frozenset[str], frozenset[str]]
 _NO_FACTS: FunctionFacts = (frozenset(), frozenset(), frozenset())  # every function call may write
 _CHANGED = "functions_changed"  # session.state: this session let through DDL, DO or CALL
-# session.state: (text, policy set, function facts) of the last one-statement unit the
-# policies themselves allowed without an audit event (see PolicyDecider.decide)
+# session.state: a _Shortcut (see PolicyDecider.decide)
 _LAST = "last_allowed"
+_SHORTCUT_FORMS = 32  # integer forms a session's shortcut keeps
+
+
+class _Shortcut:
+    """One-statement units the policies allowed without an audit event in a session,
+    under one policy set and one object of function facts: the last text object, and
+    the learnt integer forms of such texts (see ``policies.classify``)."""
+
+    __slots__ = ("facts", "forms", "policy_set", "text")
+
+    def __init__(self, policy_set: PolicySet, facts: object) -> None:
+        self.policy_set = policy_set
+        self.facts = facts
+        self.text: str | None = None
+        self.forms: set[bytes] = set()
+
 
 
 class FunctionView(Protocol):
@@ -227,15 +250,20 @@ class PolicyDecider:
         return functions.view(session.resource)
 
     def decide(self, session: SessionInfo, unit: Unit) -> Decision:
-        # The session's shortcut: the very text object the policies allowed last time
-        # (a prepared statement executed again, an unnamed Parse the client repeats),
-        # under the same policy set and function facts, classifies the same way.
+        # The session's shortcut: under the same policy set and function facts, the
+        # very text object the policies allowed last time (a prepared statement
+        # executed again, an unnamed Parse the client repeats) classifies the same
+        # way; so does a text of a learnt integer form it allowed before (the same
+        # statement with other integer values, see policies.classify).
         statements = unit.statements
         if len(statements) == 1:
-            last = cast("tuple[str, PolicySet, object] | None", session.state.get(_LAST))
-            if last is not None and last[0] is statements[0].sql \
-                    and last[1] is self.policies.current and last[2] is self._facts(session):
-                return ALLOW
+            short = cast("_Shortcut | None", session.state.get(_LAST))
+            if short is not None and short.policy_set is self.policies.current \
+                    and short.facts is self._facts(session):
+                sql = statements[0].sql
+                if sql is not None and (sql is short.text
+                                        or (short.forms and integer_form(sql) in short.forms)):
+                    return ALLOW
         classification = self.classify_unit(session, unit)
         result = self._decide(session, unit, classification)
         functions = self.functions
@@ -264,7 +292,16 @@ class PolicyDecider:
         if sql is None or any(s.effect is not None or s.executes is not None
                               for s in classification.statements):
             return  # session state (PREPARE, EXECUTE, DEALLOCATE) takes part: no shortcut
-        session.state[_LAST] = (sql, policy_set, self._facts(session))
+        facts = self._facts(session)
+        short = cast("_Shortcut | None", session.state.get(_LAST))
+        if short is None or short.policy_set is not policy_set or short.facts is not facts:
+            short = _Shortcut(policy_set, facts)
+            session.state[_LAST] = short
+        short.text = sql
+        if len(short.forms) < _SHORTCUT_FORMS:
+            form = learnt_form(sql)
+            if form is not None:
+                short.forms.add(form)
 
     def _decide(self, session: SessionInfo, unit: Unit, classification: Classification) -> Decision:
         auditor = self.auditor

@@ -1,4 +1,5 @@
-"""PolicyDecider's per-session shortcut: the same text object allowed last time.
+"""PolicyDecider's per-session shortcut: the same text object allowed last time, and
+texts of a learnt integer form allowed before.
 
 The shortcut may only ever answer what a full decision would: it must not
 outlive a policy reload, a change of the function facts, a session that
@@ -80,6 +81,60 @@ def test_the_same_text_object_is_allowed_without_classifying_again(tmp_path: Pat
     assert len(calls) == 2
 
 
+def _counting(monkeypatch) -> list[str]:
+    import proxy.policy_decider as module
+
+    calls: list[str] = []
+    real = module.classify
+
+    def counting(text: str, **kwargs: object) -> object:
+        calls.append(text)
+        return real(text, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(module, "classify", counting)
+    return calls
+
+
+def _query(sql: str) -> Unit:
+    return Unit((Statement(sql),))
+
+
+def test_other_integers_in_a_learnt_form_are_allowed_without_classifying(tmp_path: Path,
+                                                                        monkeypatch) -> None:
+    decider = _decider(tmp_path)
+    session = _session()
+    calls = _counting(monkeypatch)
+    for aid in (12345, 67890, 7, 12345, 4):
+        assert decider.decide(session, _query(f"SELECT c FROM t WHERE id = {aid};")).action \
+            == "allow"
+    # one classification per form: five digits, then one digit
+    assert calls == ["SELECT c FROM t WHERE id = 12345;", "SELECT c FROM t WHERE id = 7;"]
+
+
+def test_digits_outside_a_learnt_form_are_classified_each_time(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    decider = _decider(tmp_path, POLICY.replace("{kinds: [read, session]}",
+                                                '{kinds: [read, session], tables: ["t1"]}'))
+    session = _session()
+    calls = _counting(monkeypatch)
+    # digits in an identifier or a string: no integer form is learnt, so another
+    # digit there is another statement (here on a table the policies refuse)
+    assert decider.decide(session, _query("SELECT c FROM t1")).action == "allow"
+    assert decider.decide(session, _query("SELECT c FROM t2")).action == "deny"
+    assert decider.decide(session, _query("SELECT c FROM t1 WHERE c = '1'")).action == "allow"
+    assert decider.decide(session, _query("SELECT c FROM t1 WHERE c = '2'")).action == "allow"
+    assert len(calls) == 4
+
+
+def test_a_policy_reload_ends_the_form_shortcut(tmp_path: Path) -> None:
+    decider = _decider(tmp_path)
+    session = _session()
+    assert decider.decide(session, _query("SELECT c FROM t WHERE id = 1")).action == "allow"
+    (tmp_path / "policies" / "p.yaml").write_text(POLICY.replace("action: allow", "action: deny"))
+    assert decider.policies.reload()
+    assert decider.decide(session, _query("SELECT c FROM t WHERE id = 2")).action == "deny"
+
+
 def test_a_policy_reload_ends_the_shortcut(tmp_path: Path) -> None:
     decider = _decider(tmp_path)
     session = _session()
@@ -122,5 +177,5 @@ def test_no_shortcut_for_session_effects(tmp_path: Path) -> None:
     session = _session()
     prepare = "PREPARE q AS SELECT 1"
     assert decider.decide(session, _unit(prepare)).action == "allow"
-    assert "last_allowed" not in session.state or session.state["last_allowed"][0] is not prepare
+    assert "last_allowed" not in session.state or session.state["last_allowed"].text is not prepare
     assert Kind.SESSION  # (PREPARE of a read is a session statement)
