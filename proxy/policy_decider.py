@@ -121,7 +121,8 @@ _NO_FACTS: FunctionFacts = (frozenset(), frozenset(), frozenset())  # every func
 _CHANGED = "functions_changed"  # session.state: this session let through DDL, DO or CALL
 # session.state: a _Shortcut (see PolicyDecider.decide)
 _LAST = "last_allowed"
-_SHORTCUT_FORMS = 32  # integer forms a session's shortcut keeps
+_SHORTCUT_FORMS = 32  # integer forms a session's shortcut keeps, each of at most:
+_SHORTCUT_FORM_BYTES = 2048
 
 
 class _Shortcut:
@@ -298,7 +299,7 @@ class PolicyDecider:
             short = _Shortcut(policy_set, facts)
             session.state[_LAST] = short
         short.text = sql
-        if len(short.forms) < _SHORTCUT_FORMS:
+        if len(short.forms) < _SHORTCUT_FORMS and len(sql) <= _SHORTCUT_FORM_BYTES:
             form = learnt_form(sql)
             if form is not None:
                 short.forms.add(form)

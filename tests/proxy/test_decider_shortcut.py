@@ -126,6 +126,22 @@ def test_digits_outside_a_learnt_form_are_classified_each_time(tmp_path: Path,
     assert len(calls) == 4
 
 
+def test_a_session_keeps_a_bounded_number_of_short_forms(tmp_path: Path, monkeypatch) -> None:
+    decider = _decider(tmp_path)
+    session = _session()
+    calls = _counting(monkeypatch)
+    for a in range(1, 10):
+        for b in range(1, 5):  # 36 forms
+            sql = f"SELECT c FROM t WHERE id = {'7' * a} AND k = {'3' * b}"
+            assert decider.decide(session, _query(sql)).action == "allow"
+    assert len(calls) == 36
+    assert len(session.state["last_allowed"].forms) == 32
+    long = "SELECT c FROM t WHERE id = {}" + " " * 3000
+    for value in (1, 2):
+        assert decider.decide(session, _query(long.format(value))).action == "allow"
+    assert len(calls) == 38  # long texts keep no form
+
+
 def test_a_policy_reload_ends_the_form_shortcut(tmp_path: Path) -> None:
     decider = _decider(tmp_path)
     session = _session()
