@@ -3,8 +3,8 @@
 Owns: accepting on a port and copying each connection's bytes to and from
 PostgreSQL, nothing else: no framing, no authentication, no decisions. It is
 what any Python relay built on uvloop costs before it does its own work, so
-``make bench`` shows pgvouch's ceiling on this machine in the same run
-(the "bare" columns).
+``make bench`` shows the ceiling of a one-process pgvouch on this machine in
+the same run (the "bare" columns).
 
 Must not: be used for anything but measuring. It enforces nothing.
 

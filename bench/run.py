@@ -11,7 +11,7 @@ prints one table of tps, latency and the ratios pgvouch/direct,
 pgvouch/pgbouncer and pgvouch+policy/pgvouch. A fifth target, the *bare
 relay* (``bench/bare_relay.py``: uvloop Protocols forwarding bytes unread),
 shows what any Python relay on uvloop costs here before doing any work of
-its own: bare/pgbouncer is the ceiling of pgvouch/pgbouncer on this machine.
+its own: bare/pgbouncer is the ceiling of a one-process pgvouch/pgbouncer here.
 The targets of a cell are run back to back, in an order that rotates from
 cell to cell and round to round, so drift (cache warm-up, CPU frequency,
 autovacuum) hits all of them alike; 1-client cells pin every process to
@@ -826,7 +826,7 @@ def write_results(path: Path, meta: dict[str, object], cells: Sequence[Cell]) ->
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="pgbench against PostgreSQL directly, pgbouncer (session mode), pgvouch "
-                    "(relay only), pgvouch+policy and a bare uvloop relay (the Python ceiling).",
+                    "(relay only), pgvouch+policy and a bare uvloop relay (one process's ceiling).",
     )
     parser.add_argument("--quick", action="store_true",
                         help="a short run to check the setup: 3 s per target and cell, 1 round")
@@ -951,7 +951,7 @@ def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Ce
         f"clients on every select-only mode; {policy_below} cell(s) BELOW. "
         f"Policies: {meta['policies']}.\n"
         f"bare: {BARE} (bench/bare_relay.py, uvloop forwarding bytes unread); bare/bnc is "
-        "the ceiling of vouch/bnc for any Python relay on this machine.\n"
+        "the ceiling of vouch/bnc for any one-process Python relay on this machine.\n"
         f"{tpcb_note}\n"
         f"tps and latency are medians of {args.rounds} interleaved run(s) of "
         f"{meta['seconds_per_run']} s per target; cpu us/tx is the proxy process's own "

@@ -247,7 +247,7 @@ class PolicyDecider:
         if functions is None:
             return None
         if _CHANGED in session.state:
-            return session  # never equal to a stored one: no shortcut in such a session
+            return session  # (such a session keeps no shortcut, see _remember)
         return functions.view(session.resource)
 
     def decide(self, session: SessionInfo, unit: Unit) -> Decision:
@@ -289,6 +289,10 @@ class PolicyDecider:
     def _remember(self, session: SessionInfo, unit: Unit, classification: Classification,
                   policy_set: PolicySet) -> None:
         """Keep the session's shortcut (see decide) for a unit the policies allowed unaudited."""
+        if _CHANGED in session.state:
+            # no function call is vouched for in such a session, and each of its
+            # statements must note a change (see decide): never a shortcut
+            return
         sql = unit.statements[0].sql if len(unit.statements) == 1 else None
         if sql is None or any(s.effect is not None or s.executes is not None
                               for s in classification.statements):

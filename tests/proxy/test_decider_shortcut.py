@@ -195,3 +195,35 @@ def test_no_shortcut_for_session_effects(tmp_path: Path) -> None:
     assert decider.decide(session, _unit(prepare)).action == "allow"
     assert "last_allowed" not in session.state or session.state["last_allowed"].text is not prepare
     assert Kind.SESSION  # (PREPARE of a read is a session statement)
+
+
+def _strict_session(tmp_path: Path) -> tuple[PolicyDecider, _Facts, SessionInfo]:
+    decider = _decider(tmp_path, POLICY.replace("[read, session]", "[read, session, ddl]"))
+    facts = _Facts()
+    decider.functions = facts
+    session = _session()
+    # any DDL makes the session strict for good
+    assert decider.decide(session, _query("CREATE TABLE u (a int)")).action == "allow"
+    assert "functions_changed" in session.state
+    return decider, facts, session
+
+
+def test_a_strict_session_gets_no_shortcut_past_new_function_facts(tmp_path: Path) -> None:
+    decider, facts, session = _strict_session(tmp_path)
+    assert decider.decide(session, _query("SELECT c FROM t WHERE id = 1")).action == "allow"
+    # the catalog was read again: t's row-level security now runs a volatile function
+    facts.current = (frozenset(), frozenset({"now"}), frozenset({"t"}))
+    for sql in ("SELECT c FROM t WHERE id = 1", "SELECT c FROM t WHERE id = 2"):
+        decision = decider.decide(session, _query(sql))
+        assert decision.action == "deny"
+        assert "Statement kind: write" in (decision.detail or "")
+
+
+def test_every_statement_of_a_strict_session_notes_a_change(tmp_path: Path) -> None:
+    decider, facts, session = _strict_session(tmp_path)
+    for value in (1, 2, 3):
+        before = facts.changes
+        # what the session changed reaches the catalog when it commits: each of its
+        # statements keeps the other sessions' strict window open
+        assert decider.decide(session, _query(f"COMMIT; SELECT {value}")).action == "allow"
+        assert facts.changes == before + 1
