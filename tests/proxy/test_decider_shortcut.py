@@ -57,30 +57,6 @@ def _unit(sql: str) -> Unit:
     return Unit((Statement(sql, "execute"),), True)
 
 
-def test_the_same_text_object_is_allowed_without_classifying_again(tmp_path: Path,
-                                                                   monkeypatch) -> None:
-    import proxy.policy_decider as module
-
-    decider = _decider(tmp_path)
-    session = _session()
-    sql = "SELECT c FROM t WHERE id = $1"
-    calls: list[str] = []
-    real = module.classify
-
-    def counting(text: str, **kwargs: object) -> object:
-        calls.append(text)
-        return real(text, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(module, "classify", counting)
-    assert decider.decide(session, _unit(sql)).action == "allow"
-    assert decider.decide(session, _unit(sql)).action == "allow"
-    assert calls == [sql]  # the second time, the shortcut answered
-    # an equal but different text object goes the full way
-    assert decider.decide(session, _unit("".join(["SELECT c FROM t WHERE id = ", "$1"]))).action \
-        == "allow"
-    assert len(calls) == 2
-
-
 def _counting(monkeypatch) -> list[str]:
     import proxy.policy_decider as module
 
@@ -93,6 +69,21 @@ def _counting(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(module, "classify", counting)
     return calls
+
+
+def test_the_same_text_object_is_allowed_without_classifying_again(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    decider = _decider(tmp_path)
+    session = _session()
+    sql = "SELECT c FROM t WHERE id = $1"
+    calls = _counting(monkeypatch)
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    assert decider.decide(session, _unit(sql)).action == "allow"
+    assert calls == [sql]  # the second time, the shortcut answered
+    # an equal but different text object goes the full way
+    assert decider.decide(session, _unit("".join(["SELECT c FROM t WHERE id = ", "$1"]))).action \
+        == "allow"
+    assert len(calls) == 2
 
 
 def _query(sql: str) -> Unit:
