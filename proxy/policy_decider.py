@@ -139,7 +139,6 @@ class _Shortcut:
         self.forms: set[bytes] = set()
 
 
-
 class FunctionView(Protocol):
     """A resource's functions for the classifier (``proxy.function_catalog.FunctionCatalog``)."""
 
