@@ -32,6 +32,7 @@ import asyncpg
 log = logging.getLogger("pgvouch.replicas")
 
 REQUEST = "request"  # payload "request:<id>": a request was created or changed
+CANCEL = "cancel"  # payload "cancel:<pid>:<digest>": see ProxyServer.cancel
 # Seconds before reconnect attempt 1, 2, ...; the last entry repeats.
 BACKOFF: tuple[float, ...] = (0.5, 1.0, 2.0, 5.0, 10.0)
 APPLICATION_NAME = "pgvouch-listener"  # how the listening session shows in pg_stat_activity

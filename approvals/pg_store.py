@@ -245,6 +245,11 @@ class PgStore(RequestQueries):
         # A startup setting survives the pool's RESET ALL; stronger server settings are kept.
         return {"synchronous_commit": "on"} if weak else {}
 
+    async def announce(self, kind: str, key: str) -> None:
+        """Send ``<kind>:<key>`` to every replica listening, outside any store change."""
+        async with self._connection() as conn:
+            await notify(conn, self.channel, kind, key)
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
         pool = await self._ready()

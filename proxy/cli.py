@@ -33,6 +33,7 @@ from proxy.logs import setup_logging
 
 if TYPE_CHECKING:
     from approvals.pg_notify import ChangeListener
+    from proxy.server import ProxyServer
 
 log = logging.getLogger("pgvouch")
 
@@ -118,6 +119,7 @@ async def run_proxy(
             tasks.append(loop.create_task(service.run_sweeper(settings.hold.sweep_interval)))
             changes = replica_changes(service)
             if changes is not None:
+                share_cancels(proxy, changes)
                 tasks.append(loop.create_task(changes.run()))
             tasks.append(loop.create_task(auditor.run()))
             if notify.any_channel(settings):
@@ -179,6 +181,24 @@ def replica_changes(service: ApprovalService) -> ChangeListener | None:
     changes = ChangeListener(store.dsn, store.channel, on_listening=service.wake_all)
     changes.on(REQUEST, service.wake)
     return changes
+
+
+def share_cancels(proxy: ProxyServer, changes: ChangeListener) -> None:
+    """Replicas behind one address: a cancel request that reaches a replica whose key it
+    is not is announced on the store's channel, and the replica that issued it cancels."""
+    from approvals.pg_notify import CANCEL
+    from approvals.pg_store import PgStore
+
+    store = proxy.approvals.store if proxy.approvals is not None else None
+    if not isinstance(store, PgStore):
+        return
+    shared = store
+
+    async def announce(key: str) -> None:
+        await shared.announce(CANCEL, key)
+
+    proxy.announce_cancel = announce
+    changes.on(CANCEL, proxy.cancel_announced)
 
 
 async def open_approvals(settings: Settings) -> ApprovalService:

@@ -3,7 +3,8 @@
 Owns: the listening socket (optionally TLS-capable), the connection limit,
 the proxy's own cancel keys (each session gets a random pid/secret that maps
 to its upstream backend, so a client can cancel without ever learning the
-upstream key), graceful drain, and the counters the metrics read.
+upstream key; a key of another replica is announced to the replicas, see
+``cancel``), graceful drain, and the counters the metrics read.
 
 Must not: handle protocol messages (``proxy.client`` does) or evaluate
 policies (the decider does).
@@ -12,11 +13,13 @@ policies (the decider does).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import secrets
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from approvals.service import ApprovalService
@@ -43,6 +46,16 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return ctx
 
 
+# Cancel requests with a key of no session here that one process announces to the
+# other replicas, per second at most (a cancel request needs no login).
+CANCEL_ANNOUNCEMENTS_PER_SECOND = 20
+
+
+def cancel_digest(pid: int, secret: bytes) -> str:
+    """What a replica announces for a cancel key it does not know: not the secret itself."""
+    return hashlib.sha256(b"pgvouch-cancel\0" + pid.to_bytes(4, "big") + secret).hexdigest()
+
+
 class ProxyServer:
     def __init__(self, settings: Settings, decider: Decider | None = None) -> None:
         self.settings = settings
@@ -56,6 +69,10 @@ class ProxyServer:
         self.grants: GrantDesk | None = None  # JIT grant requests (API, psql), with policies
         # each resource's functions, read before its first session (functions.volatility)
         self.functions: FunctionCatalog | None = None
+        # with a store shared by replicas: sends "<pid>:<digest>" to the other replicas
+        self.announce_cancel: Callable[[str], Awaitable[None]] | None = None
+        self._announced = (0, 0)  # (second, cancel keys announced in it)
+        self._cancels: set[asyncio.Task[None]] = set()  # announced cancels being carried out
         self.draining = False
         self.started_at = time.time()
         self._total = 0
@@ -139,10 +156,48 @@ class ProxyServer:
         return pid, secrets.token_bytes(4)
 
     async def cancel(self, pid: int, secret: bytes) -> None:
+        """A CancelRequest. Behind one address, replicas share no session registry: a
+        key of no session here may be another replica's, so with a shared store it is
+        announced to them all (as a digest: the store never sees the secret), and the
+        replica that issued it cancels (``cancel_announced``)."""
         session = self.by_key.get(pid)
         if session is None or not hmac.compare_digest(session.key_secret, secret):
-            log.info("cancel request with an unknown key ignored")
+            if self.announce_cancel is None:
+                log.info("cancel request with an unknown key ignored")
+                return
+            second = int(time.monotonic())
+            count = self._announced[1] + 1 if self._announced[0] == second else 1
+            if count > CANCEL_ANNOUNCEMENTS_PER_SECOND:
+                log.warning("cancel request with a key of no session here dropped: more than "
+                            "%d per second", CANCEL_ANNOUNCEMENTS_PER_SECOND)
+                return
+            self._announced = (second, count)
+            try:
+                await self.announce_cancel(f"{pid}:{cancel_digest(pid, secret)}")
+            except Exception as exc:
+                log.warning("cancel request with a key of no session here could not be "
+                            "announced to the other replicas: %s", exc)
+            else:
+                log.info("cancel request with a key of no session here announced to the "
+                         "other replicas")
             return
+        await self._cancel_session(session)
+
+    def cancel_announced(self, key: str) -> None:
+        """Another replica announced a cancel key (``<pid>:<digest>``, see ``cancel``)."""
+        pid, sep, digest = key.partition(":")
+        if not sep or not pid.isdigit() or len(pid) > 10:
+            return
+        session = self.by_key.get(int(pid))
+        if session is None or not hmac.compare_digest(
+                cancel_digest(int(pid), session.key_secret), digest):
+            return  # another replica's session, or a wrong secret
+        log.info("cancel request for session %s received by another replica", session.id)
+        task = asyncio.get_running_loop().create_task(self._cancel_session(session))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel_session(self, session: ClientSession) -> None:
         if session.cancel_requested():
             log.info("cancel request for session %s: held statement cancelled", session.id)
             return

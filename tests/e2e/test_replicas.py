@@ -11,6 +11,9 @@ chain both processes extended verifies.
 from __future__ import annotations
 
 import os
+import select
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -23,8 +26,9 @@ from typing import Any
 
 import pytest
 
+from proxy import wire
 from tests.approvals.conftest import pg_dsn
-from tests.conftest import PgServer, config_yaml, free_port
+from tests.conftest import PASSWORDS, PgServer, config_yaml, free_port
 from tests.e2e.helpers import (
     ALLOW_READS,
     Replica,
@@ -39,6 +43,7 @@ from tests.e2e.helpers import (
     wait_for,
     write_policies,
 )
+from tests.rawclient import RawClient, error_fields
 
 POLICY = policy(ALLOW_READS, review(tables='"events"', expires_after="2s"), review())
 TOKENS = {"alice": "tok-alice-replicas-0123", "bob": "tok-bob-replicas-0123"}
@@ -214,3 +219,44 @@ def test_every_event_is_delivered_once_by_two_workers(cluster: Cluster, pg: PgSe
     verified = _audit_verify(cluster)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "OK" in verified.stdout or "ok" in verified.stdout.lower()
+
+
+def _cancel(port: int, pid: int, secret: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(wire.encode_cancel_request(pid, secret))
+        assert sock.recv(10) == b""  # the proxy answers a cancel request by closing
+
+
+def _quiet(client: RawClient, seconds: float) -> bool:
+    """Whether nothing arrives from ``client``'s server for ``seconds``."""
+    readable, _, _ = select.select([client.sock], [], [], seconds)
+    return not readable
+
+
+def test_a_cancel_request_that_reaches_b_cancels_the_statement_running_on_a(
+    cluster: Cluster
+) -> None:
+    # Behind one address clients reach either replica: psql's Ctrl-C opens a new
+    # connection, which may land on the replica that did not issue its key.
+    client = RawClient(cluster.a.port, timeout=20)
+    try:
+        ready = client.startup("alice", PASSWORDS["alice"], "app")
+        key = next(body for kind, body in ready if kind == "K")
+        pid, secret = struct.unpack("!i", key[:4])[0], key[4:8]
+        client.send(wire.query("SELECT pg_sleep(30)"))
+        time.sleep(0.5)  # the statement is running upstream
+        wrong = bytes([secret[0] ^ 1]) + secret[1:]
+        _cancel(cluster.b.port, pid, wrong)
+        assert _quiet(client, 1.5), "a wrong secret cancelled the statement"
+        started = time.monotonic()
+        _cancel(cluster.b.port, pid, secret)
+        answer = client.read_until_ready()  # RowDescription comes before the sleep starts
+        errors = [error_fields(body)["C"] for kind, body in answer if kind == "E"]
+        assert errors == ["57014"], answer
+        assert time.monotonic() - started < 5
+        client.send(wire.query("SELECT 1"))  # the session goes on
+        assert [k for k, _ in client.read_until_ready()] == ["T", "D", "C", "Z"]
+    finally:
+        client.close()
+    assert "announced to the other replicas" in cluster.b.log.read_text()
+    assert "received by another replica" in cluster.a.log.read_text()
