@@ -158,7 +158,7 @@ class ProxyServer:
     async def cancel(self, pid: int, secret: bytes) -> None:
         """A CancelRequest. Behind one address, replicas share no session registry: a
         key of no session here may be another replica's, so with a shared store it is
-        announced to them all (as a digest: the store never sees the secret), and the
+        announced to them all (as a digest, not the secret itself), and the
         replica that issued it cancels (``cancel_announced``)."""
         session = self.by_key.get(pid)
         if session is None or not hmac.compare_digest(session.key_secret, secret):
