@@ -4,7 +4,7 @@ Owns: starting a throwaway PostgreSQL (:class:`proxy.pgcluster.LocalPostgres`)
 with a ``pgbench -i`` database, a pgbouncer in session mode and two pgvouch
 processes (``pgvouch serve``, each its own process, as users run it) in front
 of it: ``pgvouch`` relays only (no ``policies:``), ``pgvouch+policy`` loads
-the policy set in ``bench/policies/`` (or ``--policies DIR``) with a SQLite
+the policy set in ``bench/policies/`` (or ``--policies DIR``) with an
 approvals/audit store. It runs pgbench select-only (simple, extended,
 prepared) and TPC-B-like at 1 and 16 clients against all of them, and
 prints one table of tps, latency and the ratios pgvouch/direct,
@@ -12,6 +12,9 @@ pgvouch/pgbouncer and pgvouch+policy/pgvouch. A fifth target, the *bare
 relay* (``bench/bare_relay.py``: uvloop Protocols forwarding bytes unread),
 shows what any Python relay on uvloop costs here before doing any work of
 its own: bare/pgbouncer is the ceiling of a one-process pgvouch/pgbouncer here.
+Both pgvouch targets run ``workers:`` relay processes (``--workers``, by
+default one per CPU; several share a PostgreSQL approvals store, in the
+bench cluster).
 The targets of a cell are run back to back, in an order that rotates from
 cell to cell and round to round, so drift (cache warm-up, CPU frequency,
 autovacuum) hits all of them alike; 1-client cells pin every process to
@@ -261,9 +264,14 @@ def tail(path: Path, lines: int = 20) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its children (pgvouch's workers) have used so
+    far, from /proc."""
+    total = 0
+    for each in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def unprivileged_user(pg: LocalPostgres) -> pwd.struct_passwd | None:
@@ -391,9 +399,11 @@ def pgvouch_command() -> list[str]:
 
 
 def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
-                   policies: Path | None, workdir: Path) -> str:
-    """``pgvouch.yaml``: relay-only, or with ``policies``, a store in ``workdir`` and the
-    writer account and DBA the policy set in bench/policies/ refers to."""
+                   policies: Path | None, workdir: Path, workers: int) -> str:
+    """``pgvouch.yaml``: relay-only, or with ``policies``, a store and the writer account
+    and DBA the policy set in bench/policies/ refers to. The store is SQLite in ``workdir``
+    for one worker; several share a PostgreSQL store (schema ``pgvouch`` of the bench
+    database, its URL in ``BENCH_STORE``), as pgvouch requires."""
     accounts = [("app", ROLE)]
     users = [f"  - name: {CLIENT_USER}\n"]
     extra = ""
@@ -402,10 +412,11 @@ def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
         # Someone who could approve the review rule's `group:dba` step: the
         # loader refuses a step that nobody could ever approve.
         users.append("  - name: dba1\n    groups: [dba]\n")
-        store = f"sqlite:///{(workdir / 'bench.db').resolve()}"
+        sqlite = f"sqlite:///{(workdir / 'bench.db').resolve()}"
+        store = "store_env: BENCH_STORE\n" if workers > 1 else f"store: {json.dumps(sqlite)}\n"
         extra = (
             f"policies: {json.dumps(str(policies.resolve()))}\n"
-            f"store: {json.dumps(store)}\n"
+            f"{store}"
             # A statement that needs review is refused at once (SQLSTATE PV001)
             # rather than held: pgbench must never sit waiting for a DBA.
             "hold: {mode: retry}\n"
@@ -414,6 +425,7 @@ def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
         f"listen: {{host: {HOST}, port: {port}}}\n"
         f"api: {{host: {HOST}, port: {api_port}}}\n"
         "client_auth: trust\n"
+        f"workers: {workers}\n"
         "limits: {drain_timeout: 2s}\n"
         "resources:\n"
         f"  - name: {DATABASE}\n"
@@ -433,7 +445,7 @@ def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
 
 
 def start_pgvouch(
-    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None
+    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None, workers: int
 ) -> tuple[Target, subprocess.Popen[bytes]]:
     """``pgvouch serve``: the relay-only target, or with ``policies`` the pgvouch+policy one."""
     name = RELAY if policies is None else POLICY
@@ -442,11 +454,12 @@ def start_pgvouch(
     port, api_port = free_port(), free_port()
     config = workdir / "pgvouch.yaml"
     log = workdir / "pgvouch.log"
-    config.write_text(pgvouch_config(port, api_port, pg, policies, workdir))
+    config.write_text(pgvouch_config(port, api_port, pg, policies, workdir, workers))
+    store = pg.dsn(ROLE, DATABASE, ROLE_PASSWORD, schema="pgvouch")
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
             [*pgvouch_command(), "serve", "--config", str(config)],
-            cwd=REPO, env=clean_env(BENCH_PASSWORD=ROLE_PASSWORD),
+            cwd=REPO, env=clean_env(BENCH_PASSWORD=ROLE_PASSWORD, BENCH_STORE=store),
             stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -496,7 +509,8 @@ def start_profiler(
         raise BenchError("--profile needs py-spy: pip install py-spy")
     PROFILE.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
-        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
+        [py_spy, "record", "--pid", str(pid), "--subprocesses", "--format", "raw",
+         "--rate", "250",
          "--gil", "--nonblocking", "--output", str(PROFILE)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -837,6 +851,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="interleaved rounds per cell, each a run of every target "
                              "(default 5, or 1 with --quick): short alternating runs average "
                              "out the run-to-run spread of a shared 2-core machine")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        metavar="N",
+                        help="pgvouch's `workers:` (relay processes) for both pgvouch targets "
+                             "(default: one per CPU, %(default)s here)")
     parser.add_argument("--policies", type=Path, metavar="DIR",
                         help="the policy directory of the pgvouch+policy target (config key "
                              f"`policies`; default {POLICIES.relative_to(REPO)}/)")
@@ -853,6 +871,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if args.quick else 5)
     if args.duration < args.rounds:
         parser.error("--duration must give each round at least one second")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     if args.policies is not None and not args.policies.is_dir():
         parser.error(f"--policies {args.policies}: not a directory")
     return args
@@ -875,8 +895,8 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
         print(f"pgbench -i -s {SCALE} ...", file=sys.stderr)
         prepare_database(pg, pgbench)
         bouncer = start_pgbouncer(stack, pgbouncer, pg)
-        vouch, vouch_proc = start_pgvouch(stack, pg, None)
-        vouch_policy, _ = start_pgvouch(stack, pg, policies)
+        vouch, vouch_proc = start_pgvouch(stack, pg, None, args.workers)
+        vouch_policy, _ = start_pgvouch(stack, pg, policies, args.workers)
         bare = start_bare_relay(stack, pg)
         if args.policies is None:
             check_policy_enforced(psql, vouch_policy)
@@ -894,6 +914,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
         )
         cells: list[Cell] = []
         proxies = [target.pid for target in targets if target.pid is not None]
+        proxies += [child for pid in proxies for child in children(pid)]  # pgvouch's workers
         placement = Placement(pg, proxies, enabled=not args.no_pin)
         for cell in measure(pg, pgbench, targets, placement, seconds_per_round, args.rounds):
             cells.append(cell)
@@ -919,6 +940,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
             "rounds": args.rounds,
             "placement": placement.describe(),
             "policies": shown_path(policies),
+            "pgvouch_workers": args.workers,
             "policy_tpcb_account": WRITER_ACCOUNT,
             "goals_vs_pgbouncer_select_only": GOALS,
             "goals_policy_vs_relay_select_only": POLICY_GOALS,
@@ -938,8 +960,9 @@ def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Ce
         tpcb_note = (
             f"TPC-B-like: {POLICY} runs as account `{WRITER_ACCOUNT}` (dbname "
             f"{DATABASE}/{WRITER_ACCOUNT}), whose policy allows the pgbench writes: each UPDATE "
-            "and INSERT is written durably (SQLite, fsynced) to the audit store before it runs, "
-            "while PostgreSQL here runs with fsync off."
+            "and INSERT is written durably to the audit store before it runs ("
+            + ("SQLite, fsynced, while PostgreSQL here runs with fsync off)." if args.workers == 1
+               else "the PostgreSQL store the workers share, in the bench cluster).")
         )
     print()
     print(render_table(cells))
@@ -950,8 +973,10 @@ def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Ce
         f"goal (issue #3): {POLICY}/pgvouch tps (policy/relay) >= {POLICY_GOALS[16]}x at 16 "
         f"clients on every select-only mode; {policy_below} cell(s) BELOW. "
         f"Policies: {meta['policies']}.\n"
-        f"bare: {BARE} (bench/bare_relay.py, uvloop forwarding bytes unread); bare/bnc is "
-        "the ceiling of vouch/bnc for any one-process Python relay on this machine.\n"
+        f"pgvouch and {POLICY} run with workers: {args.workers} (relay processes); pgbouncer "
+        "is one process.\n"
+        f"bare: {BARE} (bench/bare_relay.py, one process of uvloop forwarding bytes unread); "
+        "bare/bnc is the ceiling of vouch/bnc for any one-process Python relay here.\n"
         f"{tpcb_note}\n"
         f"tps and latency are medians of {args.rounds} interleaved run(s) of "
         f"{meta['seconds_per_run']} s per target; cpu us/tx is the proxy process's own "

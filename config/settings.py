@@ -241,6 +241,7 @@ class Settings:
     functions: FunctionSettings = field(default_factory=FunctionSettings)
     slack: SlackSettings | None = None
     email: EmailSettings | None = None
+    workers: int = 1  # relay processes behind the listen address (see proxy.supervisor)
 
     def groups_of(self, user: str) -> tuple[str, ...]:
         entry = self.users.get(user)
@@ -377,6 +378,7 @@ def _limits(node: Node | None) -> Limits:
 TOP_KEYS = (
     "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log", "policies",
     "store", "store_env", "hold", "audit", "notify", "integrations", "preview", "functions",
+    "workers",
 )
 EVENT_TYPES = (
     "request.created", "request.voted", "request.step_completed", "request.approved",
@@ -551,6 +553,26 @@ def _store(m: Mapping) -> str:
     return store
 
 
+MAX_WORKERS = 64
+
+
+def _workers(m: Mapping, policies: bool, store: str) -> int:
+    """``workers``: a number, or ``auto`` for one per CPU this process may run on."""
+    if "workers" not in m:
+        return 1
+    node = m["workers"]
+    if node.node.tag == "tag:yaml.org,2002:str" and node.str() == "auto":
+        workers = min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+    else:
+        workers = node.int(minimum=1, maximum=MAX_WORKERS)
+    if workers > 1 and policies and not store.startswith(("postgresql://", "postgres://")):
+        raise node.error(
+            "workers above 1 with policies need a PostgreSQL store (store: postgresql://...): "
+            "the workers share approvals, holds and grants the way replicas do, and a SQLite "
+            "store belongs to one process")
+    return workers
+
+
 def settings_from_node(root: Node) -> Settings:
     """Validate a parsed config document and build :class:`Settings`."""
     m: Mapping = root.mapping(TOP_KEYS, ("resources",))
@@ -602,6 +624,7 @@ def settings_from_node(root: Node) -> Settings:
         # policy directory can move together (Docker, Kubernetes ConfigMaps).
         policies = str((Path(root.file).parent / m["policies"].str()).resolve())
     store = _store(m)
+    workers = _workers(m, policies is not None, store)
     audit_reads = False
     if "audit" in m:
         am = m["audit"].mapping(("reads",))
@@ -627,6 +650,7 @@ def settings_from_node(root: Node) -> Settings:
         log_level=log_level,
         policies=policies,
         source=root.file,
+        workers=workers,
     )
 
 

@@ -13,7 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from approvals.api import add_approval_routes
 from approvals.web import add_web_routes
+from proxy.metrics import merge_expositions
 from proxy.server import ProxyServer
+from proxy.worker_link import LinkLost
 
 PROXY = web.AppKey("proxy", ProxyServer)
 
@@ -21,6 +23,14 @@ PROXY = web.AppKey("proxy", ProxyServer)
 async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
     body = generate_latest(proxy.metrics.registry)
+    if proxy.link is not None:  # one of several workers: the sum over all of them
+        try:
+            others = await proxy.link.ask("metrics")
+        except (LinkLost, TimeoutError):
+            return web.json_response({"error": "the other workers did not answer"}, status=503)
+        if len(others) < proxy.settings.workers - 1:
+            return web.json_response({"error": "some workers did not answer"}, status=503)
+        body = merge_expositions(body.decode(), [str(text) for text in others])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -30,7 +40,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
-    if proxy.draining or proxy.listener is None or not proxy.listener.is_serving():
+    if not proxy.serving():
         return web.json_response({"status": "not ready"}, status=503)
     return web.json_response({"status": "ready", "sessions": len(proxy.sessions)})
 

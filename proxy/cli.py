@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import getpass
 import logging
@@ -33,7 +34,10 @@ from proxy.logs import setup_logging
 
 if TYPE_CHECKING:
     from approvals.pg_notify import ChangeListener
+    from proxy.function_catalog import FunctionCatalog
+    from proxy.policy_decider import LivePolicies
     from proxy.server import ProxyServer
+    from proxy.worker_link import WorkerLink
 
 log = logging.getLogger("pgvouch")
 
@@ -50,8 +54,10 @@ async def run_proxy(
     settings: Settings,
     decider: Decider | None = None,
     on_ready: Callable[[], Awaitable[None] | None] | None = None,
+    link: WorkerLink | None = None,
 ) -> None:
-    """Run the proxy and its API until SIGTERM/SIGINT, then drain."""
+    """Run the proxy and its API until SIGTERM/SIGINT, then drain. With ``link``, as one
+    of several workers (``proxy.supervisor``)."""
     from approvals import notify
     from approvals.grants import GrantDesk
     from approvals.webhooks import DeliveryWorker
@@ -66,8 +72,11 @@ async def run_proxy(
     from proxy.statement_audit import StatementAuditor
 
     proxy = ProxyServer(settings, decider)
+    proxy.link = link
     tasks: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    reloadable: LivePolicies | None = None
     service = None
     previews: PreviewRunner | None = None
     if decider is None:
@@ -85,6 +94,7 @@ async def run_proxy(
                 {name: user.groups for name, user in settings.users.items()},
                 on_reload=on_reload,
             )
+            reloadable = live
             service = await open_approvals(settings)
             service.listeners.append(proxy.metrics.observe_request)
             if settings.preview.enabled:
@@ -132,6 +142,8 @@ async def run_proxy(
                      len(live.current.policies))
         else:
             log.warning("no `policies:` configured: every statement is ALLOWED (foundation mode)")
+    if link is not None:
+        link_workers(link, proxy, reloadable, stop)
     await proxy.start()
     runner = await start_api(proxy)
     if runner is not None:
@@ -142,7 +154,8 @@ async def run_proxy(
     gc.collect()
     gc.freeze()
     log.info("relay modules compiled: %s", SPEEDUPS)
-    stop = asyncio.Event()
+    if link is not None:
+        link.ready()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -164,7 +177,38 @@ async def run_proxy(
             await previews.close()
         if service is not None:
             await service.store.close()
+        if link is not None:
+            await link.close()
     log.info("stopped")
+
+
+def link_workers(link: WorkerLink, proxy: ProxyServer, live: LivePolicies | None,
+                 stop: asyncio.Event) -> None:
+    """One of several workers: what this one tells the others, and answers them."""
+    from prometheus_client import generate_latest
+
+    from proxy.console import session_rows
+
+    functions: FunctionCatalog | None = proxy.functions
+    if functions is not None:
+        catalog = functions
+        catalog.on_change = lambda resource: link.note("functions", resource=resource)
+        link.notes["functions"] = lambda note: catalog.note_change(str(note["resource"]),
+                                                                   shared=False)
+
+    def cancel(note: dict[str, object]) -> None:
+        pid, secret = note.get("pid"), note.get("secret")
+        if isinstance(pid, int) and isinstance(secret, str) and len(secret) == 8:
+            proxy.cancel_from_worker(pid, bytes.fromhex(secret))
+
+    link.notes["cancel"] = cancel
+    if live is not None:
+        policies = live
+        link.notes["reload"] = lambda note: log.info(
+            "policies reloaded: %s", "ok" if policies.reload() else "refused")
+    link.answers["metrics"] = lambda: generate_latest(proxy.metrics.registry).decode()
+    link.answers["sessions"] = lambda: session_rows(proxy)
+    link.on_lost = stop.set
 
 
 def replica_changes(service: ApprovalService) -> ChangeListener | None:
@@ -224,10 +268,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pgvouch: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log_format, settings.log_level)
+    link = None
+    if args.worker is not None:  # started by the supervisor (workers: above 1)
+        from proxy.worker_link import WorkerLink
+
+        link = WorkerLink.from_argument(args.worker)
+        setup_logging(settings.log_format, settings.log_level, f"worker-{link.index}")
+        if link.index > 0:  # the first worker serves the API (and asks the others)
+            settings = dataclasses.replace(settings,
+                                           api=dataclasses.replace(settings.api, enabled=False))
+    elif settings.workers > 1:
+        from proxy.supervisor import Supervisor
+
+        setup_logging(settings.log_format, settings.log_level, "supervisor")
+        return asyncio.run(Supervisor(settings, args.config).run())
+    else:
+        setup_logging(settings.log_format, settings.log_level)
     _event_loop_policy()
     try:
-        asyncio.run(run_proxy(settings))
+        asyncio.run(run_proxy(settings, link=link))
     except ConfigError as exc:
         print(f"pgvouch: {exc}", file=sys.stderr)
         return 2
@@ -276,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", "-c", required=True, help="the YAML configuration file")
+    serve.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:CONTROL_FD:CHANNEL_FD
     serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="the proxy in front of a throwaway local PostgreSQL")

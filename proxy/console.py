@@ -40,6 +40,7 @@ from config.settings import Settings
 from proxy import sqlstate, wire
 from proxy.approval_hold import StatementHold
 from proxy.policy_decider import LivePolicies, PolicyDecider
+from proxy.worker_link import LinkLost
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -466,7 +467,7 @@ class Console:
             case Show("HELP"):
                 return _rows("SHOW", ["command", "description"], HELP)
             case Show("SESSIONS"):
-                return self._sessions()
+                return await self._sessions()
             case Show("POLICIES"):
                 return self._policies()
             case Reload():
@@ -547,24 +548,26 @@ class Console:
 
     # -- the proxy itself ---------------------------------------------------------------
 
-    def _sessions(self) -> bytes:
+    async def _sessions(self) -> bytes:
         columns = ["id", "user", "resource", "account", "client", "phase", "application_name",
                    "connected_since", "held_request"]
-        rows = []
-        for session in sorted(self.server.sessions, key=lambda s: s.opened):
-            user = resource = account = application = None
-            if session.info is not None:
-                info = session.info
-                user, resource, account = info.user, info.resource, info.account
-                application = info.application_name
-            elif session.console is not None:
-                user, resource = session.console.user, CONSOLE_DATABASE
-                application = session.console.application_name
-            held = session.held
-            request = held.request if isinstance(held, StatementHold) else None
-            rows.append((session.id, user, resource, account, session.peer, str(session.phase),
-                         application, _when(session.opened), request.id if request else None))
-        return _rows("SHOW", columns, rows)
+        rows = session_rows(self.server)
+        notice = b""
+        link = self.server.link
+        if link is not None:  # one of several workers: theirs too
+            try:
+                answers = await link.ask("sessions")
+            except (LinkLost, TimeoutError):
+                answers = []
+            for answer in answers:
+                rows += [(float(opened), tuple(row)) for opened, row in answer]
+            missing = self.server.settings.workers - 1 - len(answers)
+            if missing > 0:
+                notice = wire.notice_response(
+                    f"{missing} worker(s) did not answer: their sessions are not listed",
+                    severity="WARNING")
+        rows.sort(key=lambda pair: pair[0])
+        return notice + _rows("SHOW", columns, [row for _opened, row in rows])
 
     def _live_policies(self) -> LivePolicies:
         decider = self.server.decider
@@ -598,9 +601,31 @@ class Console:
                                "the policies did not load; the previous policies stay in force",
                                detail=live.last_error)
         log.info("console: policies reloaded by %s", self.user)
+        if self.server.link is not None:
+            self.server.link.note("reload")
         policies = live.current
         return _rows("RELOAD", ["policies", "files"],
                      [(str(len(policies.policies)), str(len(policies.files)))])
+
+
+def session_rows(server: ProxyServer) -> list[tuple[float, tuple[str | None, ...]]]:
+    """SHOW SESSIONS's rows of this process, each with when it opened (to sort by)."""
+    rows: list[tuple[float, tuple[str | None, ...]]] = []
+    for session in server.sessions:
+        user = resource = account = application = None
+        if session.info is not None:
+            info = session.info
+            user, resource, account = info.user, info.resource, info.account
+            application = info.application_name
+        elif session.console is not None:
+            user, resource = session.console.user, CONSOLE_DATABASE
+            application = session.console.application_name
+        held = session.held
+        request = held.request if isinstance(held, StatementHold) else None
+        rows.append((session.opened, (session.id, user, resource, account, session.peer,
+                                      str(session.phase), application, _when(session.opened),
+                                      request.id if request else None)))
+    return rows
 
 
 # -- rendering -------------------------------------------------------------------------------

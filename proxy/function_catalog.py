@@ -250,6 +250,8 @@ class FunctionCatalog:
         self._loading: dict[str, asyncio.Task[Functions]] = {}
         self._changed_at: dict[str, float] = {}  # resource → last statement that may change functions
         self._timers: dict[str, asyncio.TimerHandle] = {}
+        # tells the other workers of a change (workers: above 1), see ``note_change``
+        self.on_change: Callable[[str], None] | None = None
 
     async def ensure(self, resource: Resource, account: Account) -> None:
         """Return once ``resource``'s functions are known; :class:`CatalogError` if they cannot be."""
@@ -283,8 +285,11 @@ class FunctionCatalog:
             return frozenset(), _EVERY_CALL, frozenset()
         return _strict(functions)
 
-    def note_change(self, resource: str) -> None:
-        """A statement that may create or change functions was let through or has run."""
+    def note_change(self, resource: str, shared: bool = True) -> None:
+        """A statement that may create or change functions was let through or has run
+        (``shared``: in this process, so the other workers are told; not: in another worker)."""
+        if shared and self.on_change is not None:
+            self.on_change(resource)
         self._changed_at[resource] = self._clock()
         functions = self._functions.get(resource)
         if functions is not None:

@@ -14,9 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+
+# Gauges of what the workers share (the approvals store), not of each process: with
+# several workers, /metrics shows the value of the process that serves it.
+SHARED_GAUGES = frozenset({"pgvouch_requests_pending"})
 
 
 class Totals(Protocol):
@@ -106,3 +111,42 @@ _DECISIONS = {
     "request.approved": "approved", "request.denied": "denied",
     "request.cancelled": "cancelled", "request.expired": "expired",
 }
+
+
+class _Merged(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def merge_expositions(own: str, others: Sequence[str]) -> bytes:
+    """One exposition for several workers: every sample summed over ``own`` and ``others``
+    (``*_created`` the earliest), except :data:`SHARED_GAUGES`, which are ``own``'s."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for position, text in enumerate([own, *others]):
+        for family in text_string_to_metric_families(text):
+            if position and family.name in SHARED_GAUGES:
+                continue
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            samples = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in samples:
+                    samples[key] = sample.value
+                elif sample.name.endswith("_created"):
+                    samples[key] = min(samples[key], sample.value)
+                else:
+                    samples[key] += sample.value
+    merged = []
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+        merged.append(family)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(merged))
+    return generate_latest(registry)

@@ -4,7 +4,10 @@ Owns: the listening socket (optionally TLS-capable), the connection limit,
 the proxy's own cancel keys (each session gets a random pid/secret that maps
 to its upstream backend, so a client can cancel without ever learning the
 upstream key; a key of another replica is announced to the replicas, see
-``cancel``), graceful drain, and the counters the metrics read.
+``cancel``), graceful drain, and the counters the metrics read. As one of
+several workers (``workers:``) it has no listener: the supervisor hands it
+client sockets (``adopt``) and keeps the connection count, and the bus
+(``proxy.worker_link``) carries cancel keys to the other workers.
 
 Must not: handle protocol messages (``proxy.client`` does) or evaluate
 policies (the decider does).
@@ -17,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +37,7 @@ from proxy.upstream import send_cancel
 if TYPE_CHECKING:
     from approvals.grants import GrantDesk
     from proxy.function_catalog import FunctionCatalog
+    from proxy.worker_link import WorkerLink
 
 log = logging.getLogger("pgvouch.server")
 
@@ -73,6 +78,10 @@ class ProxyServer:
         self.announce_cancel: Callable[[str], Awaitable[None]] | None = None
         self._announced = (0, 0)  # (second, cancel keys announced in it)
         self._cancels: set[asyncio.Task[None]] = set()  # announced cancels being carried out
+        # one of several workers: the bus to the supervisor and the other workers
+        self.link: WorkerLink | None = None
+        self._over: set[ClientSession] = set()  # handed over past the shared connection limit
+        self._adopting: set[asyncio.Task[None]] = set()
         self.draining = False
         self.started_at = time.time()
         self._total = 0
@@ -86,6 +95,9 @@ class ProxyServer:
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.link is not None:
+            await self.link.start(self.adopt)
+            return
         self.listener = await loop.create_server(
             lambda: ClientSession(self),
             self.settings.listen.host,
@@ -100,6 +112,32 @@ class ProxyServer:
             return []
         return [f"{s.getsockname()[0]}:{s.getsockname()[1]}" for s in self.listener.sockets]
 
+    def serving(self) -> bool:
+        if self.draining:
+            return False
+        if self.link is not None:
+            return self.link.connected
+        return self.listener is not None and self.listener.is_serving()
+
+    def adopt(self, client: socket.socket, over_limit: bool) -> None:
+        """A client connection the supervisor accepted and handed to this worker."""
+        session = ClientSession(self)
+        if over_limit:
+            self._over.add(session)
+        task = asyncio.get_running_loop().create_task(self._adopt(session, client))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, session: ClientSession, client: socket.socket) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: session, client)
+        except Exception as exc:
+            self._over.discard(session)
+            client.close()
+            log.warning("a client connection could not be taken over: %s", exc)
+            if self.link is not None:
+                self.link.session_closed()
+
     @property
     def port(self) -> int:
         assert self.listener is not None
@@ -110,6 +148,8 @@ class ProxyServer:
         self.draining = True
         if self.listener is not None:
             self.listener.close()
+        if self.link is not None:
+            self.link.stop_taking()
         limit = self.settings.limits.drain_timeout if grace is None else grace
         if self.sessions:
             log.info("draining: waiting up to %.0fs for %d session(s)", limit, len(self.sessions))
@@ -137,13 +177,16 @@ class ProxyServer:
             self._closed_bytes_out += session.bytes_out
             for action, count in session.decisions.items():
                 self._closed_decisions[action] = self._closed_decisions.get(action, 0) + count
+            if self.link is not None:
+                self.link.session_closed()
         if self.by_key.get(session.key_pid) is session:
             del self.by_key[session.key_pid]
+        self._over.discard(session)
         if not self.sessions:
             self._idle.set()
 
     def at_capacity(self, session: ClientSession) -> bool:
-        if self.draining:
+        if self.draining or session in self._over:
             return True
         return len(self.sessions) > self.settings.limits.max_client_connections
 
@@ -162,6 +205,11 @@ class ProxyServer:
         replica that issued it cancels (``cancel_announced``)."""
         session = self.by_key.get(pid)
         if session is None or not hmac.compare_digest(session.key_secret, secret):
+            if self.announce_cancel is None and self.link is not None:
+                # the other workers of this process group (with a shared store, the
+                # announcement below reaches them as it reaches other replicas)
+                self.link.note("cancel", pid=pid, secret=secret.hex())
+                return
             if self.announce_cancel is None:
                 log.info("cancel request with an unknown key ignored")
                 return
@@ -182,6 +230,16 @@ class ProxyServer:
                          "other replicas")
             return
         await self._cancel_session(session)
+
+    def cancel_from_worker(self, pid: int, secret: bytes) -> None:
+        """Another worker received a cancel request with a key of no session there."""
+        session = self.by_key.get(pid)
+        if session is None or not hmac.compare_digest(session.key_secret, secret):
+            return
+        log.info("cancel request for session %s received by another worker", session.id)
+        task = asyncio.get_running_loop().create_task(self._cancel_session(session))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
 
     def cancel_announced(self, key: str) -> None:
         """Another replica announced a cancel key (``<pid>:<digest>``, see ``cancel``)."""

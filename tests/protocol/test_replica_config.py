@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from config.settings import HoldSettings, Settings, settings_from_node
@@ -45,3 +47,24 @@ def test_poll_and_sweep_intervals() -> None:
     for bad in ("0s", "2h"):
         with pytest.raises(ConfigError, match="poll_interval must be"):
             load(f"hold: {{poll_interval: {bad}}}\n")
+
+
+def test_workers_default_to_one_and_take_a_number_or_auto() -> None:
+    assert load("").workers == 1
+    assert load("workers: 4\n").workers == 4
+    assert load("workers: auto\n").workers == min(64, len(os.sched_getaffinity(0)))
+    for bad, error in (("0", "at least 1"), ("65", "at most 64"), ("many", "integer")):
+        with pytest.raises(ConfigError, match=rf"pgvouch.yaml:6: .*{error}"):
+            load(f"workers: {bad}\n")
+
+
+def test_workers_with_policies_need_a_postgresql_store() -> None:
+    policies = "policies: /nonexistent/policies\n"
+    with pytest.raises(ConfigError, match=r"pgvouch.yaml:6: workers above 1 with policies need "
+                                          r"a PostgreSQL store"):
+        load(f"workers: 2\n{policies}")
+    with pytest.raises(ConfigError, match="need a PostgreSQL store"):
+        load(f"workers: 2\n{policies}store: sqlite:///x.db\n")
+    assert load(f"workers: 2\n{policies}store: postgresql://u@db/pgvouch\n").workers == 2
+    assert load("workers: 2\n").workers == 2  # relay only: no store at all
+    assert load(f"workers: 1\n{policies}").workers == 1

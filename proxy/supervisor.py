@@ -1,0 +1,306 @@
+"""Several relay processes behind one listen address (``workers:`` above 1).
+
+One Python process relays as fast as one core allows; ``workers: N`` runs N
+``pgvouch serve`` worker processes under this supervisor.
+
+Owns: the listening sockets (the supervisor accepts every client and hands
+the socket to the worker with the fewest sessions, so the workers stay
+balanced and ``max_client_connections`` is one limit for all of them);
+starting the workers, restarting one that dies, and fanning SIGHUP
+(reload) and SIGTERM (drain) out to them; and the bus between them: notes
+from one worker go to all others, and a question one asks (their metrics,
+their sessions) is put to the others and their answers returned.
+
+Must not: read client bytes (workers do everything after ``accept``) or
+decide anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from config.settings import Settings
+from proxy import bus
+from proxy.worker_link import ASK_TIMEOUT
+
+log = logging.getLogger("pgvouch.supervisor")
+
+STARTUP_TIMEOUT = 120.0  # a worker that has not said "ready" by then failed to start
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # between restarts of a worker that keeps dying
+ACCEPTS_PER_WAKEUP = 64
+
+
+class Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: asyncio.subprocess.Process | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.channel: socket.socket | None = None
+        self.sessions = 0  # client sockets handed over and not yet reported closed
+        self.ready = False
+        self.ever_ready = False
+        self.starts = 0
+        self.started_at = 0.0
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.index}"
+
+    def send(self, message: bus.Message) -> None:
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.write(bus.frame(message))
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, config_path: str) -> None:
+        self.settings = settings
+        self.config_path = os.path.abspath(config_path)
+        self.workers = [Worker(index) for index in range(settings.workers)]
+        self.listeners: list[socket.socket] = []
+        self.accepting = False
+        self.stopping = False
+        self._ids = itertools.count(1)
+        self._answers: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._first_start = asyncio.Event()
+        self._failed: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            self.listeners = listen_sockets(self.settings.listen.host, self.settings.listen.port)
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", self.settings.listen.host,
+                      self.settings.listen.port, exc)
+            return 1
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        for worker in self.workers:
+            self._spawn(self._keep_running(worker))
+        try:
+            async with asyncio.timeout(STARTUP_TIMEOUT):
+                while not all(w.ready for w in self.workers) and self._failed is None:
+                    self._first_start.clear()
+                    await self._first_start.wait()
+        except TimeoutError:
+            self._failed = f"the workers did not start within {STARTUP_TIMEOUT:.0f}s"
+        if self._failed is not None:
+            log.error("%s; stopping", self._failed)
+            await self._shutdown()
+            return 1
+        log.info("listening on %s with %d workers", ", ".join(
+            "{}:{}".format(*s.getsockname()[:2]) for s in self.listeners), len(self.workers))
+        self._update_accepting()
+        await stop.wait()
+        log.info("shutting down: the workers drain their sessions")
+        await self._shutdown()
+        log.info("stopped")
+        return 0
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self._update_accepting()
+        for listener in self.listeners:
+            listener.close()
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGTERM)
+        grace = self.settings.limits.drain_timeout + 10.0
+        waits = [w.process.wait() for w in self.workers if w.process is not None]
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            for worker in self.workers:
+                if worker.process is not None and worker.process.returncode is None:
+                    log.error("%s did not stop within %.0fs: killed", worker.name, grace)
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.process.kill()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _reload(self) -> None:
+        log.info("SIGHUP: the workers reload their policies")
+        for worker in self.workers:
+            if worker.process is not None and worker.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGHUP)
+
+    # -- workers -----------------------------------------------------------------
+    async def _keep_running(self, worker: Worker) -> None:
+        """Start ``worker``; start it again when it dies, until the supervisor stops."""
+        while not self.stopping:
+            code = await self._run_worker(worker)
+            if self.stopping:
+                return
+            if worker.starts == 1 and not worker.ever_ready:
+                self._failed = f"{worker.name} exited with status {code} while starting"
+                self._first_start.set()
+                return
+            uptime = time.monotonic() - worker.started_at
+            delay = RESTART_DELAYS[min(worker.starts - 1, len(RESTART_DELAYS) - 1)]
+            if uptime > 60:
+                worker.starts, delay = 0, RESTART_DELAYS[0]
+            log.error("%s exited with status %s; its sessions were lost; starting it again in "
+                      "%.1fs", worker.name, code, delay)
+            await asyncio.sleep(delay)
+
+    async def _run_worker(self, worker: Worker) -> int:
+        control, worker_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        channel, worker_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        argument = f"{worker.index}:{worker_control.fileno()}:{worker_channel.fileno()}"
+        try:
+            worker.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy.cli", "serve", "--config", self.config_path,
+                "--worker", argument,
+                pass_fds=(worker_control.fileno(), worker_channel.fileno()),
+            )
+        finally:
+            worker_control.close()
+            worker_channel.close()
+        worker.starts += 1
+        worker.started_at = time.monotonic()
+        channel.setblocking(False)
+        worker.channel = channel
+        reader, worker.writer = await asyncio.open_unix_connection(sock=control)
+        reading = asyncio.get_running_loop().create_task(self._read(worker, reader))
+        code = await worker.process.wait()
+        worker.ready = False
+        self._update_accepting()
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        worker.writer.close()
+        worker.writer = None
+        channel.close()
+        worker.channel = None
+        worker.sessions = 0
+        return code
+
+    async def _read(self, worker: Worker, reader: asyncio.StreamReader) -> None:
+        try:
+            while (message := await bus.read_message(reader)) is not None:
+                self._dispatch(worker, message)
+        except (bus.BusError, OSError) as exc:
+            log.error("%s sent what is not a bus message: %s", worker.name, exc)
+
+    def _dispatch(self, worker: Worker, message: bus.Message) -> None:
+        op = message["op"]
+        if op == "closed":
+            worker.sessions = max(0, worker.sessions - 1)
+        elif op == "ready":
+            worker.ready = worker.ever_ready = True
+            log.info("%s (pid %s) is ready", worker.name,
+                     worker.process.pid if worker.process else "?")
+            self._first_start.set()
+            self._update_accepting()
+        elif op == "note":
+            for other in self.workers:
+                if other is not worker and other.ready:
+                    other.send(message)
+        elif op == "ask":
+            self._spawn(self._ask_others(worker, message.get("id"), str(message.get("question"))))
+        elif op == "answer":
+            future = self._answers.get(int(message.get("id") or 0))
+            if future is not None and not future.done():
+                future.set_result(message.get("value"))
+
+    async def _ask_others(self, asker: Worker, qid: Any, question: str) -> None:
+        loop = asyncio.get_running_loop()
+        waiting: dict[int, asyncio.Future[Any]] = {}
+        for other in self.workers:
+            if other is not asker and other.ready:
+                sid = next(self._ids)
+                waiting[sid] = self._answers[sid] = loop.create_future()
+                other.send({"op": "ask", "id": sid, "question": question})
+        if waiting:
+            await asyncio.wait(waiting.values(), timeout=ASK_TIMEOUT)
+        values = [f.result() for f in waiting.values() if f.done()]
+        for sid in waiting:
+            self._answers.pop(sid, None)
+        if len(values) < len(waiting):
+            log.warning("%d worker(s) did not answer %r in time", len(waiting) - len(values),
+                        question)
+        asker.send({"op": "answers", "id": qid, "values": values})
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- clients -----------------------------------------------------------------
+    def _update_accepting(self) -> None:
+        """Accept while running and some worker is ready; otherwise clients wait in the backlog."""
+        want = not self.stopping and any(w.ready for w in self.workers)
+        if want == self.accepting:
+            return
+        loop = asyncio.get_running_loop()
+        for listener in self.listeners:
+            if want:
+                loop.add_reader(listener.fileno(), self._accept, listener)
+            else:
+                loop.remove_reader(listener.fileno())
+        self.accepting = want
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                client, _address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: the client stays queued
+                log.warning("accept failed: %s", exc)
+                return
+            with client:
+                self._hand_over(client)
+
+    def _hand_over(self, client: socket.socket) -> None:
+        ready = [w for w in self.workers if w.ready and w.channel is not None]
+        if not ready:
+            return  # closing it: no worker can take it
+        worker = min(ready, key=lambda w: w.sessions)
+        over = sum(w.sessions for w in self.workers) >= self.settings.limits.max_client_connections
+        if client.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        assert worker.channel is not None
+        try:
+            bus.pass_socket(worker.channel, client, over)
+        except OSError as exc:
+            log.error("could not hand a client connection to %s: %s", worker.name, exc)
+            return
+        worker.sessions += 1
+
+
+def listen_sockets(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets for ``host`` (every address it resolves to) and ``port``."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            listener = socket.socket(family, kind, proto)
+            sockets.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            listener.bind(address)
+            listener.listen(1024)
+            listener.setblocking(False)
+    except OSError:
+        for listener in sockets:
+            listener.close()
+        raise
+    return sockets

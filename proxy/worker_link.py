@@ -1,0 +1,172 @@
+"""A worker's end of the bus to its supervisor (``workers:`` above 1).
+
+Owns: taking the client sockets the supervisor hands this worker and giving
+them to the server; telling the supervisor when a session ends (it keeps the
+connection count all workers share); sending notes to the other workers
+(a cancel key of no session here, a function change, a policy reload) and
+carrying out theirs; and asking the other workers a question
+(``ask``: their metrics, their sessions) and answering theirs.
+
+Must not: handle protocol messages or decide anything: the handlers the
+server and the CLI register do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from proxy import bus
+
+log = logging.getLogger("pgvouch.worker")
+
+# How long a question to the other workers waits for their answers (the supervisor waits a
+# little less, and answers with what it has).
+ASK_TIMEOUT = 3.0
+
+Adopt = Callable[[socket.socket, bool], None]
+
+
+class LinkLost(Exception):
+    """The supervisor is gone (the worker is shutting down)."""
+
+
+class WorkerLink:
+    def __init__(self, index: int, control: socket.socket, channel: socket.socket) -> None:
+        self.index = index
+        self._control = control
+        self._channel = channel
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._questions: dict[int, asyncio.Future[list[Any]]] = {}
+        self._ids = itertools.count(1)
+        self._adopt: Adopt | None = None
+        self.on_lost: Callable[[], None] | None = None  # the supervisor is gone
+        self.notes: dict[str, Callable[[bus.Message], None]] = {}  # op → handler
+        self.answers: dict[str, Callable[[], Any]] = {}  # question → what this worker answers
+        self.connected = False
+
+    @classmethod
+    def from_argument(cls, value: str) -> WorkerLink:
+        """``INDEX:CONTROL_FD:CHANNEL_FD``, as the supervisor passes it."""
+        index, control, channel = (int(part) for part in value.split(":"))
+        return cls(index, socket.socket(fileno=control), socket.socket(fileno=channel))
+
+    async def start(self, adopt: Adopt) -> None:
+        """Take client sockets (``adopt`` each) and messages until the supervisor goes."""
+        self._adopt = adopt
+        loop = asyncio.get_running_loop()
+        reader, self._writer = await asyncio.open_unix_connection(sock=self._control)
+        self._channel.setblocking(False)
+        loop.add_reader(self._channel.fileno(), self._sockets_ready)
+        self.connected = True
+        self._spawn(self._read(reader))
+
+    def ready(self) -> None:
+        self._send({"op": "ready"})
+
+    def stop_taking(self) -> None:
+        """Draining: take no more client sockets (the supervisor stopped accepting first)."""
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self._channel.fileno())
+
+    # -- to the supervisor -------------------------------------------------------
+    def session_closed(self) -> None:
+        self._send({"op": "closed"})
+
+    def note(self, op: str, **fields: Any) -> None:
+        """Tell every other worker (``notes[op]`` is called there)."""
+        self._send({"op": "note", "note": op, **fields})
+
+    async def ask(self, question: str) -> list[Any]:
+        """The other workers' answers to ``question`` (those that answered in time)."""
+        if not self.connected:
+            raise LinkLost("the supervisor is gone")
+        qid = next(self._ids)
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._questions[qid] = future
+        try:
+            self._send({"op": "ask", "id": qid, "question": question})
+            async with asyncio.timeout(ASK_TIMEOUT + 1):
+                return await future
+        finally:
+            self._questions.pop(qid, None)
+
+    def _send(self, message: bus.Message) -> None:
+        if self._writer is None or not self.connected:
+            return
+        self._writer.write(bus.frame(message))
+
+    # -- from the supervisor -------------------------------------------------------
+    def _sockets_ready(self) -> None:
+        clients, ended = bus.receive_sockets(self._channel)
+        for client, over_limit in clients:
+            assert self._adopt is not None
+            try:
+                self._adopt(client, over_limit)
+            except Exception:
+                log.exception("a client connection could not be taken over")
+                client.close()
+                self.session_closed()
+        if ended:
+            self._lost()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (message := await bus.read_message(reader)) is not None:
+                self._dispatch(message)
+        except (bus.BusError, OSError) as exc:
+            log.error("the link to the supervisor broke: %s", exc)
+        self._lost()
+
+    def _dispatch(self, message: bus.Message) -> None:
+        op = message["op"]
+        if op == "note":
+            handler = self.notes.get(str(message.get("note")))
+            if handler is not None:
+                try:
+                    handler(message)
+                except Exception:
+                    log.exception("a note from another worker failed: %s", message.get("note"))
+        elif op == "ask":
+            answer = self.answers.get(str(message.get("question")))
+            try:
+                value = answer() if answer is not None else None
+            except Exception:
+                log.exception("answering another worker failed: %s", message.get("question"))
+                value = None
+            self._send({"op": "answer", "id": message.get("id"), "value": value})
+        elif op == "answers":
+            future = self._questions.get(int(message.get("id") or 0))
+            if future is not None and not future.done():
+                future.set_result(list(message.get("values") or []))
+
+    def _lost(self) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        self.stop_taking()
+        for future in self._questions.values():
+            if not future.done():
+                future.set_exception(LinkLost("the supervisor is gone"))
+        if self.on_lost is not None:
+            self.on_lost()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self.stop_taking()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._writer is not None:
+            self._writer.close()
+        self._channel.close()
