@@ -560,7 +560,7 @@ class Console:
             except (LinkLost, TimeoutError):
                 answers = []
             for answer in answers:
-                rows += [(float(opened), tuple(row)) for opened, row in answer]
+                rows += [(float(opened), tuple(row)) for opened, row in answer or ()]
             missing = self.server.settings.workers - 1 - len(answers)
             if missing > 0:
                 notice = wire.notice_response(

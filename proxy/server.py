@@ -237,9 +237,7 @@ class ProxyServer:
         if session is None or not hmac.compare_digest(session.key_secret, secret):
             return
         log.info("cancel request for session %s received by another worker", session.id)
-        task = asyncio.get_running_loop().create_task(self._cancel_session(session))
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self._cancel_soon(session)
 
     def cancel_announced(self, key: str) -> None:
         """Another replica announced a cancel key (``<pid>:<digest>``, see ``cancel``)."""
@@ -251,6 +249,9 @@ class ProxyServer:
                 cancel_digest(int(pid), session.key_secret), digest):
             return  # another replica's session, or a wrong secret
         log.info("cancel request for session %s received by another replica", session.id)
+        self._cancel_soon(session)
+
+    def _cancel_soon(self, session: ClientSession) -> None:
         task = asyncio.get_running_loop().create_task(self._cancel_session(session))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)

@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from config.settings import FunctionSettings
+from config.settings import FunctionSettings, load_settings
 from proxy import bus
+from proxy.cli import link_workers
 from proxy.function_catalog import FunctionCatalog
 from proxy.metrics import merge_expositions
+from proxy.server import ProxyServer
 from proxy.worker_link import LinkLost, WorkerLink
 
 # -- framing -------------------------------------------------------------------------------
@@ -215,3 +218,72 @@ def test_metrics_are_summed_over_workers_except_what_they_share() -> None:
     own_created = [s.value for family in text_string_to_metric_families(own)
                    for s in family.samples if s.name.endswith("_created")]
     assert created and min(created) <= min(own_created)
+
+
+# -- what a worker wires to the bus (proxy.cli.link_workers) --------------------------------
+
+CONFIG = """
+listen: {host: 127.0.0.1, port: 6999}
+client_auth: trust
+resources:
+  - name: app
+    host: 127.0.0.1
+    port: 5432
+    database: app
+    accounts: [{name: app, user: app, password_env: PGV_UNUSED_PASSWORD}]
+users: [{name: alice}]
+"""
+
+
+class Noting(FunctionCatalog):
+    def __init__(self, settings: FunctionSettings) -> None:
+        super().__init__(settings)
+        self.noted: list[tuple[str, bool]] = []
+
+    def note_change(self, resource: str, shared: bool = True) -> None:
+        self.noted.append((resource, shared))
+        super().note_change(resource, shared)
+
+
+def test_a_worker_tells_the_others_of_unknown_cancel_keys_and_function_changes(
+    tmp_path: Path
+) -> None:
+    path = tmp_path / "pgvouch.yaml"
+    path.write_text(CONFIG)
+
+    async def go() -> None:
+        supervisor = Supervisor()
+        await supervisor.start()
+        server = ProxyServer(load_settings(str(path)))
+        server.functions = catalog = Noting(FunctionSettings())
+        server.link = supervisor.link
+        stop = asyncio.Event()
+        link_workers(supervisor.link, server, None, stop)
+        await server.start()
+        # a cancel key of no session here: to the other workers, secret and all (local)
+        await server.cancel(77, b"\x01\x02\x03\x04")
+        assert await supervisor.receive() == {"op": "note", "note": "cancel", "pid": 77,
+                                              "secret": "01020304"}
+        # with a store shared by replicas, its announcement reaches the workers too: once
+        announced: list[str] = []
+
+        async def announce(key: str) -> None:
+            announced.append(key)
+
+        server.announce_cancel = announce
+        await server.cancel(78, b"\x01\x02\x03\x04")
+        assert len(announced) == 1
+        # a function change here is told to the others; theirs does not come back
+        catalog.note_change("app")
+        assert await supervisor.receive() == {"op": "note", "note": "functions",
+                                              "resource": "app"}
+        supervisor.send({"op": "note", "note": "functions", "resource": "other"})
+        supervisor.send({"op": "ask", "id": 5, "question": "sessions"})
+        assert await supervisor.receive() == {"op": "answer", "id": 5, "value": []}
+        assert catalog.noted == [("app", True), ("other", False)]  # no echo of "other"
+        supervisor.channel.close()  # the supervisor is gone: the worker stops
+        await asyncio.wait_for(stop.wait(), 5)
+        await supervisor.link.close()
+        supervisor.writer.close()
+
+    asyncio.run(go())
