@@ -270,3 +270,27 @@ def test_workers_with_policies_share_holds_console_and_reloads(pg: PgServer,
     finally:
         assert started.stop() == 0, started.text()[-3000:]
         pg.psql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE', database="postgres")
+
+
+def test_psql_with_tls_and_copy_works_through_either_worker(pg: PgServer, tmp_path: Path) -> None:
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True)
+    started = Workers(tmp_path, pg, f"tls: {{cert_file: {cert}, key_file: {key}}}\n"
+                      "limits: {drain_timeout: 1s}\n")
+    try:
+        idle = _session(started.port)  # the psql below lands on the other worker
+        dsn = proxy_dsn(started.port).replace("sslmode=disable", "sslmode=require")
+        for _ in range(2):  # sslmode=require: psql fails unless the worker speaks TLS
+            result = subprocess.run(
+                [PSQL, "-X", "-At", "-d", dsn,
+                 "-c", r"\copy (SELECT g FROM generate_series(1, 3) g) TO STDOUT"],
+                capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.split() == ["1", "2", "3"]
+            idle.close()
+        assert _spread(started)
+    finally:
+        assert started.stop() == 0, started.text()[-3000:]
