@@ -12,30 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import load_settings
-from proxy.server import CANCEL_ANNOUNCEMENTS_PER_SECOND, ProxyServer, cancel_digest
-
-CONFIG = """
-listen: {host: 127.0.0.1, port: 6999}
-client_auth: trust
-resources:
-  - name: app
-    host: 127.0.0.1
-    port: 5432
-    database: app
-    accounts: [{name: app, user: app, password_env: PGV_UNUSED_PASSWORD}]
-users: [{name: alice}]
-"""
-
-
-def _server(tmp_path: Path) -> ProxyServer:
-    path = tmp_path / "pgvouch.yaml"
-    path.write_text(CONFIG)
-    return ProxyServer(load_settings(str(path)))
+from proxy.server import CANCEL_ANNOUNCEMENTS_PER_SECOND, cancel_digest
+from tests.proxy.servers import minimal_server
 
 
 def test_an_unknown_key_is_announced_as_a_digest_within_a_bound(tmp_path: Path) -> None:
-    server = _server(tmp_path)
+    server = minimal_server(tmp_path)
     announced: list[str] = []
 
     async def announce(key: str) -> None:
@@ -59,7 +41,7 @@ def test_an_unknown_key_is_announced_as_a_digest_within_a_bound(tmp_path: Path) 
 
 def test_a_store_that_cannot_announce_harms_nothing(tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
-    server = _server(tmp_path)
+    server = minimal_server(tmp_path)
 
     async def down(key: str) -> None:
         raise OSError("store unreachable")
@@ -70,7 +52,7 @@ def test_a_store_that_cannot_announce_harms_nothing(tmp_path: Path,
 
 
 def test_announcements_for_no_session_here_or_malformed_are_ignored(tmp_path: Path) -> None:
-    server = _server(tmp_path)
+    server = minimal_server(tmp_path)
 
     async def receive() -> None:
         for key in ("", "x", "4242", "4242:", "-1:00", "99999999999:00", "1:zz",

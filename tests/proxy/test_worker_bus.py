@@ -13,13 +13,13 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from config.settings import FunctionSettings, load_settings
+from config.settings import FunctionSettings
 from proxy import bus
 from proxy.cli import link_workers
 from proxy.function_catalog import FunctionCatalog
 from proxy.metrics import merge_expositions
-from proxy.server import ProxyServer
 from proxy.worker_link import LinkLost, WorkerLink
+from tests.proxy.servers import minimal_server
 
 # -- framing -------------------------------------------------------------------------------
 
@@ -222,19 +222,6 @@ def test_metrics_are_summed_over_workers_except_what_they_share() -> None:
 
 # -- what a worker wires to the bus (proxy.cli.link_workers) --------------------------------
 
-CONFIG = """
-listen: {host: 127.0.0.1, port: 6999}
-client_auth: trust
-resources:
-  - name: app
-    host: 127.0.0.1
-    port: 5432
-    database: app
-    accounts: [{name: app, user: app, password_env: PGV_UNUSED_PASSWORD}]
-users: [{name: alice}]
-"""
-
-
 class Noting(FunctionCatalog):
     def __init__(self, settings: FunctionSettings) -> None:
         super().__init__(settings)
@@ -248,13 +235,10 @@ class Noting(FunctionCatalog):
 def test_a_worker_tells_the_others_of_unknown_cancel_keys_and_function_changes(
     tmp_path: Path
 ) -> None:
-    path = tmp_path / "pgvouch.yaml"
-    path.write_text(CONFIG)
-
     async def go() -> None:
         supervisor = Supervisor()
         await supervisor.start()
-        server = ProxyServer(load_settings(str(path)))
+        server = minimal_server(tmp_path)
         server.functions = catalog = Noting(FunctionSettings())
         server.link = supervisor.link
         stop = asyncio.Event()
