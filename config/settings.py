@@ -556,13 +556,26 @@ def _store(m: Mapping) -> str:
 MAX_WORKERS = 64
 
 
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
+    container limited to 2 CPUs on a 64-core host gets 2)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) <= 0:
+        return cpus
+    return max(1, min(cpus, -(-int(quota) // int(period))))
+
+
 def _workers(m: Mapping, policies: bool, store: str) -> int:
     """``workers``: a number, or ``auto`` for one per CPU this process may run on."""
     if "workers" not in m:
         return 1
     node = m["workers"]
     if node.node.tag == "tag:yaml.org,2002:str" and node.str() == "auto":
-        workers = min(MAX_WORKERS, len(os.sched_getaffinity(0)))
+        workers = min(MAX_WORKERS, available_cpus())
     else:
         workers = node.int(minimum=1, maximum=MAX_WORKERS)
     if workers > 1 and policies and not store.startswith(("postgresql://", "postgres://")):

@@ -8,6 +8,9 @@ Must not: decide anything about statements or sessions.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,10 +21,18 @@ from proxy.server import ProxyServer
 from proxy.worker_link import LinkLost
 
 PROXY = web.AppKey("proxy", ProxyServer)
+PENDING_TIMEOUT = 2.0  # a store slower than this leaves pgvouch_requests_pending as it was
 
 
 async def metrics(request: web.Request) -> web.Response:
     proxy = request.app[PROXY]
+    if proxy.approvals is not None:
+        # what the store holds, not this process's count of what it saw created and
+        # decided (holds on other workers and replicas are created elsewhere)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(PENDING_TIMEOUT):
+                pending = await proxy.approvals.store.list(status="pending", limit=100_000)
+            proxy.metrics.requests_pending.set(len(pending))
     body = generate_latest(proxy.metrics.registry)
     if proxy.link is not None:  # one of several workers: the sum over all of them
         try:

@@ -77,20 +77,25 @@ def pass_socket(channel: socket.socket, client: socket.socket, over_limit: bool)
                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", client.fileno()))])
 
 
-def receive_sockets(channel: socket.socket) -> tuple[list[tuple[socket.socket, bool]], bool]:
+def receive_sockets(channel: socket.socket) -> tuple[list[tuple[socket.socket, bool]], int, bool]:
     """The client sockets waiting on ``channel`` (non-blocking), each with whether it is
-    over the connection limit; and whether the supervisor has gone."""
+    over the connection limit; how many handovers arrived without their socket (this
+    process was out of file descriptors: the kernel dropped it, and the supervisor still
+    counts it as a session here); and whether the supervisor has gone."""
     received: list[tuple[socket.socket, bool]] = []
+    dropped = 0
     while True:
         try:
-            note, fds, _flags, _address = socket.recv_fds(channel, 1, 4)
+            note, fds, flags, _address = socket.recv_fds(channel, 1, 4)
         except (BlockingIOError, InterruptedError):
-            return received, False
+            return received, dropped, False
         if not note and not fds:
-            return received, True
+            return received, dropped, True
         clients = [socket.socket(fileno=fd) for fd in fds]
-        if note not in (WITHIN_LIMIT, OVER_LIMIT) or len(clients) != 1:
-            for client in clients:  # not what the supervisor sends: drop it
+        if (note not in (WITHIN_LIMIT, OVER_LIMIT) or len(clients) != 1
+                or flags & socket.MSG_CTRUNC):
+            for client in clients:  # not one whole handover: drop it, and say so
                 client.close()
+            dropped += 1
             continue
         received.append((clients[0], note == OVER_LIMIT))

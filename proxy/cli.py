@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import getpass
+import hmac
 import logging
 import signal
 import sys
@@ -142,6 +143,9 @@ async def run_proxy(
                      len(live.current.policies))
         else:
             log.warning("no `policies:` configured: every statement is ALLOWED (foundation mode)")
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
+                    "SIGHUP: no policies are configured, nothing to reload"))
     if link is not None:
         link_workers(link, proxy, reloadable, stop)
     await proxy.start()
@@ -270,10 +274,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     link = None
     if args.worker is not None:  # started by the supervisor (workers: above 1)
+        from proxy.supervisor import config_digest
         from proxy.worker_link import WorkerLink
 
-        link = WorkerLink.from_argument(args.worker)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the policies load
+        link, digest = WorkerLink.from_argument(args.worker)
         setup_logging(settings.log_format, settings.log_level, f"worker-{link.index}")
+        if not hmac.compare_digest(config_digest(args.config), digest):
+            log.error("%s changed since pgvouch started: this worker does not start with "
+                      "settings the others do not have; restart pgvouch to apply them",
+                      args.config)
+            return 2
         if link.index > 0:  # the first worker serves the API (and asks the others)
             settings = dataclasses.replace(settings,
                                            api=dataclasses.replace(settings.api, enabled=False))

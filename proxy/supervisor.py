@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import hashlib
 import itertools
 import logging
 import os
@@ -64,6 +66,9 @@ class Supervisor:
     def __init__(self, settings: Settings, config_path: str) -> None:
         self.settings = settings
         self.config_path = os.path.abspath(config_path)
+        # workers load the file themselves and refuse to run if it changed since (a worker
+        # restarted after an edit must not run with settings the others do not have)
+        self.config_digest = config_digest(self.config_path)
         self.workers = [Worker(index) for index in range(settings.workers)]
         self.listeners: list[socket.socket] = []
         self.accepting = False
@@ -91,15 +96,22 @@ class Supervisor:
             self._spawn(self._keep_running(worker))
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
-                while not all(w.ready for w in self.workers) and self._failed is None:
+                while (not all(w.ready for w in self.workers) and self._failed is None
+                       and not stop.is_set()):
                     self._first_start.clear()
-                    await self._first_start.wait()
+                    stopping = asyncio.ensure_future(stop.wait())
+                    try:
+                        await asyncio.wait([stopping, asyncio.ensure_future(
+                            self._first_start.wait())], return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stopping.cancel()
         except TimeoutError:
             self._failed = f"the workers did not start within {STARTUP_TIMEOUT:.0f}s"
-        if self._failed is not None:
-            log.error("%s; stopping", self._failed)
+        if self._failed is not None or stop.is_set():
+            if self._failed is not None:
+                log.error("%s; stopping", self._failed)
             await self._shutdown()
-            return 1
+            return 1 if self._failed is not None else 0
         log.info("listening on %s with %d workers", ", ".join(
             "{}:{}".format(*s.getsockname()[:2]) for s in self.listeners), len(self.workers))
         self._update_accepting()
@@ -135,8 +147,8 @@ class Supervisor:
 
     def _reload(self) -> None:
         log.info("SIGHUP: the workers reload their policies")
-        for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
+        for worker in self.workers:  # a starting worker loads the files as they are now
+            if worker.ready and worker.process is not None and worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGHUP)
 
@@ -144,7 +156,13 @@ class Supervisor:
     async def _keep_running(self, worker: Worker) -> None:
         """Start ``worker``; start it again when it dies, until the supervisor stops."""
         while not self.stopping:
-            code = await self._run_worker(worker)
+            try:
+                code: int | str = await self._run_worker(worker)
+            except Exception as exc:  # e.g. fork or socketpair failed (out of memory or fds)
+                log.error("%s could not be started: %s", worker.name, exc)
+                code = f"not started ({exc})"
+                worker.starts += 1
+                worker.started_at = time.monotonic()
             if self.stopping:
                 return
             if worker.starts == 1 and not worker.ever_ready:
@@ -161,46 +179,68 @@ class Supervisor:
 
     async def _run_worker(self, worker: Worker) -> int:
         control, worker_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        channel, worker_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argument = f"{worker.index}:{worker_control.fileno()}:{worker_channel.fileno()}"
         try:
-            worker.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "proxy.cli", "serve", "--config", self.config_path,
-                "--worker", argument,
-                pass_fds=(worker_control.fileno(), worker_channel.fileno()),
-            )
-        finally:
+            channel, worker_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError:
+            control.close()
             worker_control.close()
-            worker_channel.close()
-        worker.starts += 1
-        worker.started_at = time.monotonic()
-        channel.setblocking(False)
-        worker.channel = channel
-        reader, worker.writer = await asyncio.open_unix_connection(sock=control)
-        reading = asyncio.get_running_loop().create_task(self._read(worker, reader))
-        code = await worker.process.wait()
-        worker.ready = False
-        self._update_accepting()
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        worker.writer.close()
-        worker.writer = None
-        channel.close()
-        worker.channel = None
-        worker.sessions = 0
-        return code
+            raise
+        argument = (f"{worker.index}:{worker_control.fileno()}:{worker_channel.fileno()}:"
+                    f"{self.config_digest}")
+        reading: asyncio.Task[None] | None = None
+        try:
+            try:
+                worker.process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "proxy.cli", "serve", "--config", self.config_path,
+                    "--worker", argument,
+                    pass_fds=(worker_control.fileno(), worker_channel.fileno()),
+                )
+            finally:
+                worker_control.close()
+                worker_channel.close()
+            worker.starts += 1
+            worker.started_at = time.monotonic()
+            channel.setblocking(False)
+            worker.channel = channel
+            reader, worker.writer = await asyncio.open_unix_connection(sock=control)
+            reading = asyncio.get_running_loop().create_task(self._read(worker, reader))
+            return await worker.process.wait()
+        finally:
+            worker.ready = False
+            self._update_accepting()
+            if reading is not None:
+                reading.cancel()
+                await asyncio.gather(reading, return_exceptions=True)
+            if worker.writer is not None:
+                worker.writer.close()
+                worker.writer = None
+            else:
+                control.close()
+            channel.close()
+            worker.channel = None
+            worker.sessions = 0
 
     async def _read(self, worker: Worker, reader: asyncio.StreamReader) -> None:
+        writer = worker.writer
         try:
             while (message := await bus.read_message(reader)) is not None:
-                self._dispatch(worker, message)
+                try:
+                    self._dispatch(worker, writer, message)
+                except Exception:
+                    log.exception("a bus message from %s could not be handled", worker.name)
         except (bus.BusError, OSError) as exc:
             log.error("%s sent what is not a bus message: %s", worker.name, exc)
 
-    def _dispatch(self, worker: Worker, message: bus.Message) -> None:
+    def _dispatch(self, worker: Worker, writer: asyncio.StreamWriter | None,
+                  message: bus.Message) -> None:
         op = message["op"]
         if op == "closed":
             worker.sessions = max(0, worker.sessions - 1)
+        elif op == "draining":  # stopping on its own (SIGTERM, lost link): send it no more
+            if worker.ready:
+                log.info("%s is draining: no more clients go to it", worker.name)
+            worker.ready = False
+            self._update_accepting()
         elif op == "ready":
             worker.ready = worker.ever_ready = True
             log.info("%s (pid %s) is ready", worker.name,
@@ -212,13 +252,15 @@ class Supervisor:
                 if other is not worker and other.ready:
                     other.send(message)
         elif op == "ask":
-            self._spawn(self._ask_others(worker, message.get("id"), str(message.get("question"))))
+            self._spawn(self._ask_others(worker, writer, message.get("id"),
+                                         str(message.get("question"))))
         elif op == "answer":
             future = self._answers.get(int(message.get("id") or 0))
             if future is not None and not future.done():
                 future.set_result(message.get("value"))
 
-    async def _ask_others(self, asker: Worker, qid: Any, question: str) -> None:
+    async def _ask_others(self, asker: Worker, writer: asyncio.StreamWriter | None, qid: Any,
+                          question: str) -> None:
         loop = asyncio.get_running_loop()
         waiting: dict[int, asyncio.Future[Any]] = {}
         for other in self.workers:
@@ -234,7 +276,8 @@ class Supervisor:
         if len(values) < len(waiting):
             log.warning("%d worker(s) did not answer %r in time", len(waiting) - len(values),
                         question)
-        asker.send({"op": "answers", "id": qid, "values": values})
+        if asker.writer is writer:  # not to a process that took the asker's place since
+            asker.send({"op": "answers", "id": qid, "values": values})
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -268,29 +311,39 @@ class Supervisor:
                 self._hand_over(client)
 
     def _hand_over(self, client: socket.socket) -> None:
-        ready = [w for w in self.workers if w.ready and w.channel is not None]
-        if not ready:
-            return  # closing it: no worker can take it
-        worker = min(ready, key=lambda w: w.sessions)
+        """To the ready worker with the fewest sessions; if it cannot take it, the next."""
         over = sum(w.sessions for w in self.workers) >= self.settings.limits.max_client_connections
         if client.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        assert worker.channel is not None
-        try:
-            bus.pass_socket(worker.channel, client, over)
-        except OSError as exc:
-            log.error("could not hand a client connection to %s: %s", worker.name, exc)
+        ready = [w for w in self.workers if w.ready and w.channel is not None]
+        for worker in sorted(ready, key=lambda w: w.sessions):
+            assert worker.channel is not None
+            try:
+                bus.pass_socket(worker.channel, client, over)
+            except OSError as exc:
+                log.error("could not hand a client connection to %s: %s", worker.name, exc)
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET):
+                    worker.ready = False  # gone; its exit is handled where it is awaited
+                    self._update_accepting()
+                continue
+            worker.sessions += 1
             return
-        worker.sessions += 1
+        log.error("no worker could take a client connection: closed")
+
+
+def config_digest(path: str) -> str:
+    with open(path, "rb") as file:
+        return hashlib.sha256(file.read()).hexdigest()
 
 
 def listen_sockets(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets for ``host`` (every address it resolves to) and ``port``."""
+    """Listening sockets for ``host`` (every address it resolves to; empty: every
+    interface, as in one process) and ``port``."""
     sockets: list[socket.socket] = []
     try:
         for family, kind, proto, _name, address in socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
             listener = socket.socket(family, kind, proto)
             sockets.append(listener)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

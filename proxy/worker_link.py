@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -44,18 +45,24 @@ class WorkerLink:
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._questions: dict[int, asyncio.Future[list[Any]]] = {}
-        self._ids = itertools.count(1)
+        # question ids: a fresh range per process, so a late answer meant for this
+        # worker's predecessor (restarted under the same index) matches nothing here
+        self._ids = itertools.count(secrets.randbelow(2**40) + 1)
         self._adopt: Adopt | None = None
         self.on_lost: Callable[[], None] | None = None  # the supervisor is gone
         self.notes: dict[str, Callable[[bus.Message], None]] = {}  # op → handler
         self.answers: dict[str, Callable[[], Any]] = {}  # question → what this worker answers
         self.connected = False
+        self._taking = False
 
     @classmethod
-    def from_argument(cls, value: str) -> WorkerLink:
-        """``INDEX:CONTROL_FD:CHANNEL_FD``, as the supervisor passes it."""
-        index, control, channel = (int(part) for part in value.split(":"))
-        return cls(index, socket.socket(fileno=control), socket.socket(fileno=channel))
+    def from_argument(cls, value: str) -> tuple[WorkerLink, str]:
+        """``INDEX:CONTROL_FD:CHANNEL_FD:CONFIG_SHA256``, as the supervisor passes it: the
+        link, and the digest of the configuration file the supervisor loaded."""
+        index, control, channel, digest = value.split(":")
+        link = cls(int(index), socket.socket(fileno=int(control)),
+                   socket.socket(fileno=int(channel)))
+        return link, digest
 
     async def start(self, adopt: Adopt) -> None:
         """Take client sockets (``adopt`` each) and messages until the supervisor goes."""
@@ -64,14 +71,18 @@ class WorkerLink:
         reader, self._writer = await asyncio.open_unix_connection(sock=self._control)
         self._channel.setblocking(False)
         loop.add_reader(self._channel.fileno(), self._sockets_ready)
-        self.connected = True
+        self.connected = self._taking = True
         self._spawn(self._read(reader))
 
     def ready(self) -> None:
         self._send({"op": "ready"})
 
     def stop_taking(self) -> None:
-        """Draining: take no more client sockets (the supervisor stopped accepting first)."""
+        """Draining: take no more client sockets, and tell the supervisor to send none."""
+        if not self._taking:
+            return
+        self._taking = False
+        self._send({"op": "draining"})
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self._channel.fileno())
 
@@ -100,11 +111,19 @@ class WorkerLink:
     def _send(self, message: bus.Message) -> None:
         if self._writer is None or not self.connected:
             return
-        self._writer.write(bus.frame(message))
+        try:
+            self._writer.write(bus.frame(message))
+        except bus.BusError as exc:  # e.g. an answer over the frame limit: not sent
+            log.error("a message to the other workers was not sent: %s", exc)
 
     # -- from the supervisor -------------------------------------------------------
     def _sockets_ready(self) -> None:
-        clients, ended = bus.receive_sockets(self._channel)
+        clients, dropped, ended = bus.receive_sockets(self._channel)
+        if dropped:
+            log.error("%d client connection(s) handed to this worker arrived without their "
+                      "socket (out of file descriptors?): they were dropped", dropped)
+            for _ in range(dropped):
+                self.session_closed()
         for client, over_limit in clients:
             assert self._adopt is not None
             try:
@@ -119,7 +138,10 @@ class WorkerLink:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while (message := await bus.read_message(reader)) is not None:
-                self._dispatch(message)
+                try:
+                    self._dispatch(message)
+                except Exception:
+                    log.exception("a bus message could not be handled: %s", message.get("op"))
         except (bus.BusError, OSError) as exc:
             log.error("the link to the supervisor broke: %s", exc)
         self._lost()
@@ -142,15 +164,16 @@ class WorkerLink:
                 value = None
             self._send({"op": "answer", "id": message.get("id"), "value": value})
         elif op == "answers":
-            future = self._questions.get(int(message.get("id") or 0))
+            qid = message.get("id")
+            future = self._questions.get(qid) if isinstance(qid, int) else None
             if future is not None and not future.done():
                 future.set_result(list(message.get("values") or []))
 
     def _lost(self) -> None:
         if not self.connected:
             return
-        self.connected = False
         self.stop_taking()
+        self.connected = False
         for future in self._questions.values():
             if not future.done():
                 future.set_exception(LinkLost("the supervisor is gone"))

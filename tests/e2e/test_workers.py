@@ -211,6 +211,55 @@ def test_a_worker_that_dies_is_replaced_and_the_others_keep_their_sessions(
         client.close()
 
 
+def test_sighup_without_policies_harms_nothing(workers: Workers) -> None:
+    client = _session(workers.port)
+    try:
+        pids = workers.worker_pids()
+        workers.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: workers.text().count("no policies are configured, nothing to reload")
+                 == 2, timeout=10)
+        client.send(wire.query("SELECT 1"))
+        assert [kind for kind, _ in client.read_until_ready()] == ["T", "D", "C", "Z"]
+        assert workers.worker_pids() == pids and "exited" not in workers.text()
+    finally:
+        client.close()
+
+
+def test_a_worker_draining_on_its_own_gets_no_new_clients(pg: PgServer, tmp_path: Path) -> None:
+    started = Workers(tmp_path, pg, "limits: {drain_timeout: 20s}\n")
+    try:
+        held = _session(started.port)  # worker-0, which keeps draining while it is open
+        other = _session(started.port)  # worker-1: one session each, so worker-0 is first
+        os.kill(started.worker_pids()["worker-0"], signal.SIGTERM)
+        wait_for(lambda: "worker-0 is draining" in started.text())
+        begun = time.monotonic()
+        for _ in range(3):  # worker-0 has as few sessions as worker-1 but takes none now
+            _session(started.port).close()
+        assert time.monotonic() - begun < 5
+        held.send(wire.query("SELECT 1"))  # the draining worker's session goes on
+        assert [kind for kind, _ in held.read_until_ready()] == ["T", "D", "C", "Z"]
+        held.close()
+        other.close()
+        wait_for(lambda: "worker-0 exited with status 0" in started.text(), timeout=20)
+    finally:
+        assert started.stop() == 0, started.text()[-3000:]
+
+
+def test_a_worker_does_not_restart_with_a_configuration_the_others_lack(
+    workers: Workers
+) -> None:
+    workers.config.write_text(workers.config.read_text() + "# edited\n")
+    before = workers.worker_pids()
+    os.kill(before["worker-1"], signal.SIGKILL)
+    wait_for(lambda: "changed since pgvouch started" in workers.text(), timeout=20)
+    for _ in range(3):  # worker-0 serves meanwhile
+        client = _session(workers.port)
+        client.send(wire.query("SELECT 1"))
+        assert [kind for kind, _ in client.read_until_ready()] == ["T", "D", "C", "Z"]
+        client.close()
+    assert workers.worker_pids()["worker-1"] == before["worker-1"]  # not ready again
+
+
 def test_sigterm_drains_every_worker_and_stops(pg: PgServer, tmp_path: Path) -> None:
     started = Workers(tmp_path, pg, "limits: {drain_timeout: 1s}\n")
     pids = started.worker_pids()
@@ -249,6 +298,8 @@ def test_workers_with_policies_share_holds_console_and_reloads(pg: PgServer,
 
         request = wait_for(pending)[0]
         assert _spread(started)
+        # held on worker-1, counted from the store by worker-0's /metrics
+        assert started.metrics()["pgvouch_requests_pending"] == 1
         console = subprocess.run(
             [PSQL, "-X", "-At", "-d", proxy_dsn(started.port, "bob").replace(
                 "dbname=app", "dbname=pgvouch"), "-c", "SHOW SESSIONS"],
@@ -263,6 +314,7 @@ def test_workers_with_policies_share_holds_console_and_reloads(pg: PgServer,
         assert status == 200, body
         out, err = held.communicate(timeout=10)
         assert held.returncode == 0 and "UPDATE 1" in out, err
+        assert started.metrics()["pgvouch_requests_pending"] == 0
         idle.close()
         started.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: len(re.findall(r"\[worker-\d\] pgvouch\.policy: policies reloaded from",

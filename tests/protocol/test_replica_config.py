@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from config.settings import HoldSettings, Settings, settings_from_node
+from config.settings import HoldSettings, Settings, available_cpus, settings_from_node
 from config.yamlnodes import ConfigError, load_text
 
 BASE = """\
@@ -52,7 +53,8 @@ def test_poll_and_sweep_intervals() -> None:
 def test_workers_default_to_one_and_take_a_number_or_auto() -> None:
     assert load("").workers == 1
     assert load("workers: 4\n").workers == 4
-    assert load("workers: auto\n").workers == min(64, len(os.sched_getaffinity(0)))
+    assert load("workers: auto\n").workers == min(64, available_cpus())
+    assert available_cpus() <= len(os.sched_getaffinity(0))
     for bad, error in (("0", "at least 1"), ("65", "at most 64"), ("many", "integer")):
         with pytest.raises(ConfigError, match=rf"pgvouch.yaml:6: .*{error}"):
             load(f"workers: {bad}\n")
@@ -68,3 +70,13 @@ def test_workers_with_policies_need_a_postgresql_store() -> None:
     assert load(f"workers: 2\n{policies}store: postgresql://u@db/pgvouch\n").workers == 2
     assert load("workers: 2\n").workers == 2  # relay only: no store at all
     assert load(f"workers: 1\n{policies}").workers == 1
+
+
+def test_auto_workers_respect_a_cgroup_cpu_quota(tmp_path: Path) -> None:
+    affinity = len(os.sched_getaffinity(0))
+    cpu_max = tmp_path / "cpu.max"
+    for text, expected in (("max 100000\n", affinity), ("100000 100000\n", 1),
+                           ("150000 100000\n", min(2, affinity)), ("junk\n", affinity)):
+        cpu_max.write_text(text)
+        assert available_cpus(cpu_max) == expected
+    assert available_cpus(tmp_path / "missing") == affinity

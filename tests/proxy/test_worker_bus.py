@@ -71,16 +71,16 @@ def test_client_sockets_pass_with_their_limit_note_and_the_end_is_seen() -> None
     with supervisor, worker, one, one_peer, two, two_peer:
         bus.pass_socket(supervisor, one, over_limit=False)
         bus.pass_socket(supervisor, two, over_limit=True)
-        supervisor.send(b"?")  # not something the supervisor sends: dropped
-        received, ended = bus.receive_sockets(worker)
-        assert not ended and [over for _, over in received] == [False, True]
+        supervisor.send(b"?")  # not something the supervisor sends: dropped, and counted
+        received, dropped, ended = bus.receive_sockets(worker)
+        assert not ended and dropped == 1 and [over for _, over in received] == [False, True]
         for (client, _), peer in zip(received, (one_peer, two_peer), strict=True):
             with client:
                 client.sendall(b"hello")  # the very socket, not a copy of its bytes
                 assert peer.recv(5) == b"hello"
-        assert bus.receive_sockets(worker) == ([], False)
+        assert bus.receive_sockets(worker) == ([], 0, False)
         supervisor.close()
-        assert bus.receive_sockets(worker) == ([], True)
+        assert bus.receive_sockets(worker) == ([], 0, True)
 
 
 # -- a worker's link -------------------------------------------------------------------------
@@ -128,8 +128,13 @@ def test_a_link_takes_sockets_and_reports_what_ends() -> None:
         peer.close()
         supervisor.link.session_closed()
         assert await supervisor.receive() == {"op": "closed"}
+        # a handover whose socket did not arrive (the worker was out of file descriptors)
+        # still ends a session the supervisor counts
+        supervisor.channel.send(bus.WITHIN_LIMIT)
+        assert await supervisor.receive() == {"op": "closed"}
         supervisor.channel.close()  # the supervisor is gone
         await asyncio.wait_for(lost.wait(), 5)
+        assert await supervisor.receive() == {"op": "draining"}  # it takes no more clients
         assert not supervisor.link.connected
         with pytest.raises(LinkLost):
             await supervisor.link.ask("metrics")
