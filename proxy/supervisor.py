@@ -37,6 +37,8 @@ from proxy.worker_link import ASK_TIMEOUT
 log = logging.getLogger("pgvouch.supervisor")
 
 STARTUP_TIMEOUT = 120.0  # a worker that has not said "ready" by then failed to start
+PING_INTERVAL = 2.0  # how often the supervisor checks that each worker's event loop answers
+STALL_AFTER = 6.0  # a worker silent this long gets no new clients until it answers again
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # between restarts of a worker that keeps dying
 ACCEPTS_PER_WAKEUP = 64
 
@@ -48,7 +50,10 @@ class Worker:
         self.writer: asyncio.StreamWriter | None = None
         self.channel: socket.socket | None = None
         self.sessions = 0  # client sockets handed over and not yet reported closed
-        self.ready = False
+        self.up = False  # said "ready" since it was (re)started, and has not exited
+        self.draining = False  # stopping on its own: keeps its sessions, takes no new ones
+        self.stalled = False  # its event loop has not answered a ping for STALL_AFTER
+        self.last_heard = 0.0
         self.ever_ready = False
         self.starts = 0
         self.started_at = 0.0
@@ -56,6 +61,11 @@ class Worker:
     @property
     def name(self) -> str:
         return f"worker-{self.index}"
+
+    @property
+    def ready(self) -> bool:
+        """Whether new clients may go to it."""
+        return self.up and not self.draining and not self.stalled
 
     def send(self, message: bus.Message) -> None:
         if self.writer is not None and not self.writer.is_closing():
@@ -94,9 +104,10 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         for worker in self.workers:
             self._spawn(self._keep_running(worker))
+        self._spawn(self._watch_workers())
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
-                while (not all(w.ready for w in self.workers) and self._failed is None
+                while (not all(w.up for w in self.workers) and self._failed is None
                        and not stop.is_set()):
                     self._first_start.clear()
                     stopping = asyncio.ensure_future(stop.wait())
@@ -148,7 +159,7 @@ class Supervisor:
     def _reload(self) -> None:
         log.info("SIGHUP: the workers reload their policies")
         for worker in self.workers:  # a starting worker loads the files as they are now
-            if worker.ready and worker.process is not None and worker.process.returncode is None:
+            if worker.up and worker.process is not None and worker.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGHUP)
 
@@ -206,7 +217,7 @@ class Supervisor:
             reading = asyncio.get_running_loop().create_task(self._read(worker, reader))
             return await worker.process.wait()
         finally:
-            worker.ready = False
+            worker.up = False
             self._update_accepting()
             if reading is not None:
                 reading.cancel()
@@ -234,22 +245,28 @@ class Supervisor:
     def _dispatch(self, worker: Worker, writer: asyncio.StreamWriter | None,
                   message: bus.Message) -> None:
         op = message["op"]
+        worker.last_heard = time.monotonic()
+        if worker.stalled:
+            worker.stalled = False
+            log.warning("%s answers again", worker.name)
+            self._update_accepting()
         if op == "closed":
             worker.sessions = max(0, worker.sessions - 1)
         elif op == "draining":  # stopping on its own (SIGTERM, lost link): send it no more
-            if worker.ready:
+            if not worker.draining:
                 log.info("%s is draining: no more clients go to it", worker.name)
-            worker.ready = False
+            worker.draining = True
             self._update_accepting()
         elif op == "ready":
-            worker.ready = worker.ever_ready = True
+            worker.up = worker.ever_ready = True
+            worker.draining = worker.stalled = False
             log.info("%s (pid %s) is ready", worker.name,
                      worker.process.pid if worker.process else "?")
             self._first_start.set()
             self._update_accepting()
-        elif op == "note":
+        elif op == "note":  # to every running worker: a draining one still has sessions
             for other in self.workers:
-                if other is not worker and other.ready:
+                if other is not worker and other.up:
                     other.send(message)
         elif op == "ask":
             self._spawn(self._ask_others(worker, writer, message.get("id"),
@@ -264,7 +281,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         waiting: dict[int, asyncio.Future[Any]] = {}
         for other in self.workers:
-            if other is not asker and other.ready:
+            if other is not asker and other.up:
                 sid = next(self._ids)
                 waiting[sid] = self._answers[sid] = loop.create_future()
                 other.send({"op": "ask", "id": sid, "question": question})
@@ -283,6 +300,22 @@ class Supervisor:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _watch_workers(self) -> None:
+        """Ping every running worker; one whose event loop stops answering (stuck in a
+        long computation, stopped) gets no new clients until it answers again."""
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            now = time.monotonic()
+            for worker in self.workers:
+                if not worker.up:
+                    continue
+                worker.send({"op": "ping"})
+                if not worker.stalled and now - worker.last_heard > STALL_AFTER:
+                    worker.stalled = True
+                    log.warning("%s has not answered for %.0fs: no new clients go to it until "
+                                "it does", worker.name, now - worker.last_heard)
+                    self._update_accepting()
 
     # -- clients -----------------------------------------------------------------
     def _update_accepting(self) -> None:
@@ -324,7 +357,7 @@ class Supervisor:
             except OSError as exc:
                 log.error("could not hand a client connection to %s: %s", worker.name, exc)
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET):
-                    worker.ready = False  # gone; its exit is handled where it is awaited
+                    worker.up = False  # gone; its exit is handled where it is awaited
                     self._update_accepting()
                 continue
             worker.sessions += 1

@@ -148,7 +148,9 @@ class WorkerLink:
 
     def _dispatch(self, message: bus.Message) -> None:
         op = message["op"]
-        if op == "note":
+        if op == "ping":
+            self._send({"op": "pong"})
+        elif op == "note":
             handler = self.notes.get(str(message.get("note")))
             if handler is not None:
                 try:

@@ -225,10 +225,13 @@ def test_sighup_without_policies_harms_nothing(workers: Workers) -> None:
         client.close()
 
 
-def test_a_worker_draining_on_its_own_gets_no_new_clients(pg: PgServer, tmp_path: Path) -> None:
+def test_a_worker_draining_on_its_own_gets_no_new_clients_but_keeps_its_cancels(
+    pg: PgServer, tmp_path: Path
+) -> None:
     started = Workers(tmp_path, pg, "limits: {drain_timeout: 20s}\n")
     try:
-        held = _session(started.port)  # worker-0, which keeps draining while it is open
+        held = RawClient(started.port, timeout=20)  # worker-0, which drains while it is open
+        pid, secret = _key(held.startup("alice", PASSWORDS["alice"], "app"))
         other = _session(started.port)  # worker-1: one session each, so worker-0 is first
         os.kill(started.worker_pids()["worker-0"], signal.SIGTERM)
         wait_for(lambda: "worker-0 is draining" in started.text())
@@ -236,13 +239,37 @@ def test_a_worker_draining_on_its_own_gets_no_new_clients(pg: PgServer, tmp_path
         for _ in range(3):  # worker-0 has as few sessions as worker-1 but takes none now
             _session(started.port).close()
         assert time.monotonic() - begun < 5
-        held.send(wire.query("SELECT 1"))  # the draining worker's session goes on
-        assert [kind for kind, _ in held.read_until_ready()] == ["T", "D", "C", "Z"]
+        held.send(wire.query("SELECT pg_sleep(30)"))  # the draining worker's session goes on
+        time.sleep(0.5)
+        _cancel(started.port, pid, secret)  # lands on worker-1; the note reaches worker-0
+        answer = held.read_until_ready()
+        assert [error_fields(body)["C"] for kind, body in answer if kind == "E"] == ["57014"]
         held.close()
         other.close()
         wait_for(lambda: "worker-0 exited with status 0" in started.text(), timeout=20)
     finally:
         assert started.stop() == 0, started.text()[-3000:]
+
+
+def test_a_worker_that_stops_answering_gets_no_new_clients_until_it_answers(
+    workers: Workers
+) -> None:
+    first = _session(workers.port)  # worker-0; so worker-1 would be next
+    stopped = workers.worker_pids()["worker-1"]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "worker-1 has not answered" in workers.text(), timeout=15)
+        second = _session(workers.port)  # worker-0 again, at once
+        second.close()
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    wait_for(lambda: "worker-1 answers again" in workers.text(), timeout=10)
+    third = _session(workers.port)  # worker-1 takes clients again
+    third.close()
+    first.close()
+    opened = "[worker-1] pgvouch.session: session opened"
+    wait_for(lambda: opened in workers.text())
+    assert workers.text().count(opened) == 1  # the third client only
 
 
 def test_a_worker_does_not_restart_with_a_configuration_the_others_lack(
