@@ -110,12 +110,13 @@ class Supervisor:
                 while (not all(w.up for w in self.workers) and self._failed is None
                        and not stop.is_set()):
                     self._first_start.clear()
-                    stopping = asyncio.ensure_future(stop.wait())
+                    waits = [asyncio.ensure_future(stop.wait()),
+                             asyncio.ensure_future(self._first_start.wait())]
                     try:
-                        await asyncio.wait([stopping, asyncio.ensure_future(
-                            self._first_start.wait())], return_when=asyncio.FIRST_COMPLETED)
+                        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                     finally:
-                        stopping.cancel()
+                        for wait in waits:
+                            wait.cancel()
         except TimeoutError:
             self._failed = f"the workers did not start within {STARTUP_TIMEOUT:.0f}s"
         if self._failed is not None or stop.is_set():
