@@ -360,6 +360,12 @@ class PgStore(RequestQueries):
                     found.append(request_from_doc(row["doc"], row["version"]))
         return found
 
+    async def count_pending(self) -> int:
+        async with self._connection() as conn:
+            return int(await conn.fetchval(
+                f"SELECT count(*) FROM {self._t('requests')} WHERE status = $1",
+                str(Status.PENDING)))
+
     async def _select(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
         return await self._requests(numbered(tail), args)
 

@@ -343,6 +343,14 @@ class SqliteStore(RequestQueries):
             f"WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit)
         )
 
+    async def count_pending(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            return int(conn.execute(
+                "SELECT count(*) FROM requests WHERE status = ?", (str(Status.PENDING),)
+            ).fetchone()[0])
+
+        return await self._run(work)
+
     async def _select(self, tail: str, args: Sequence[Any]) -> builtins.list[Request]:
         return await self._requests(tail, args)
 

@@ -153,6 +153,9 @@ class Store(Protocol):
     ) -> builtins.list[Request]:
         """Newest first; ``resource_glob`` is fnmatch syntax, case-sensitive."""
 
+    async def count_pending(self) -> int:
+        """How many requests are pending (a metric: one indexed count, no documents read)."""
+
     async def find_approved(self, fingerprint: str, now: float) -> Request | None:
         """An approved statement with this fingerprint whose approval has not lapsed."""
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from config.yamlnodes import ConfigError, Mapping, Node, load_file
+from config.yamlnodes import ConfigError, Mapping, Node, load_file, load_text
 from proxy.scram import ScramError, parse_verifier
 
 log = logging.getLogger("pgvouch.config")
@@ -556,16 +556,22 @@ def _store(m: Mapping) -> str:
 MAX_WORKERS = 64
 
 
-def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
-    container limited to 2 CPUs on a 64-core host gets 2)."""
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max"),
+                   cfs: Path = Path("/sys/fs/cgroup/cpu")) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (v2
+    ``cpu.max``, else v1 ``cpu.cfs_quota_us``): a container limited to 2 CPUs on a 64-core
+    host gets 2."""
     cpus = len(os.sched_getaffinity(0))
     try:
         quota, period = cpu_max.read_text().split()[:2]
     except (OSError, ValueError):
-        return cpus
-    if quota == "max" or not quota.isdigit() or not period.isdigit() or int(period) <= 0:
-        return cpus
+        try:
+            quota = (cfs / "cpu.cfs_quota_us").read_text().strip()
+            period = (cfs / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cpus
+    if not quota.isdigit() or not period.isdigit() or int(period) <= 0:
+        return cpus  # "max", or -1 (v1): no quota
     return max(1, min(cpus, -(-int(quota) // int(period))))
 
 
@@ -667,9 +673,10 @@ def settings_from_node(root: Node) -> Settings:
     )
 
 
-def load_settings(path: str | Path) -> Settings:
-    """Load and validate a config file; raises :class:`ConfigError` with file:line."""
-    settings = settings_from_node(load_file(path))
+def load_settings(path: str | Path, text: str | None = None) -> Settings:
+    """Load and validate a config file (or ``text``, its contents as already read);
+    raises :class:`ConfigError` with file:line."""
+    settings = settings_from_node(load_file(path) if text is None else load_text(text, str(path)))
     if settings.client_auth == "trust":
         log.warning(
             "client_auth is 'trust': any configured user can connect WITHOUT a password. "

@@ -9,7 +9,7 @@ Must not: decide anything about statements or sessions.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,6 +21,7 @@ from proxy.server import ProxyServer
 from proxy.worker_link import LinkLost
 
 PROXY = web.AppKey("proxy", ProxyServer)
+log = logging.getLogger("pgvouch.api")
 PENDING_TIMEOUT = 2.0  # a store slower than this leaves pgvouch_requests_pending as it was
 
 
@@ -29,10 +30,13 @@ async def metrics(request: web.Request) -> web.Response:
     if proxy.approvals is not None:
         # what the store holds, not this process's count of what it saw created and
         # decided (holds on other workers and replicas are created elsewhere)
-        with contextlib.suppress(Exception):
+        try:
             async with asyncio.timeout(PENDING_TIMEOUT):
-                pending = await proxy.approvals.store.list(status="pending", limit=100_000)
-            proxy.metrics.requests_pending.set(len(pending))
+                pending = await proxy.approvals.store.count_pending()
+        except Exception as exc:
+            log.debug("pgvouch_requests_pending not refreshed: %s", exc)
+        else:
+            proxy.metrics.requests_pending.set(pending)
     body = generate_latest(proxy.metrics.registry)
     if proxy.link is not None:  # one of several workers: the sum over all of them
         try:

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import gc
 import getpass
-import hmac
 import logging
 import signal
 import sys
@@ -96,6 +95,8 @@ async def run_proxy(
                 on_reload=on_reload,
             )
             reloadable = live
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signal.SIGHUP, live.reload)
             service = await open_approvals(settings)
             service.listeners.append(proxy.metrics.observe_request)
             if settings.preview.enabled:
@@ -137,8 +138,6 @@ async def run_proxy(
                 worker = DeliveryWorker(service.store, settings, senders=notify.senders(settings),
                                         counter=proxy.metrics.webhook_deliveries)
                 tasks.append(loop.create_task(worker.run(interval=1.0)))
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(signal.SIGHUP, live.reload)
             log.info("policies loaded from %s (%d policies)", live.path,
                      len(live.current.policies))
         else:
@@ -267,24 +266,22 @@ async def open_approvals(settings: Settings) -> ApprovalService:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    link = None
     try:
-        settings = load_settings(args.config)
+        if args.worker is not None:  # started by the supervisor (workers: above 1)
+            from proxy.worker_link import WorkerLink
+
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the policies load
+            link, text, workers = WorkerLink.from_argument(args.worker)
+            settings = dataclasses.replace(load_settings(args.config, text), workers=workers)
+        else:
+            text = read_config(args.config)
+            settings = load_settings(args.config, text)
     except ConfigError as exc:
         print(f"pgvouch: {exc}", file=sys.stderr)
         return 2
-    link = None
-    if args.worker is not None:  # started by the supervisor (workers: above 1)
-        from proxy.supervisor import config_digest
-        from proxy.worker_link import WorkerLink
-
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload before the policies load
-        link, digest = WorkerLink.from_argument(args.worker)
+    if link is not None:
         setup_logging(settings.log_format, settings.log_level, f"worker-{link.index}")
-        if not hmac.compare_digest(config_digest(args.config), digest):
-            log.error("%s changed since pgvouch started: this worker does not start with "
-                      "settings the others do not have; restart pgvouch to apply them",
-                      args.config)
-            return 2
         if link.index > 0:  # the first worker serves the API (and asks the others)
             settings = dataclasses.replace(settings,
                                            api=dataclasses.replace(settings.api, enabled=False))
@@ -292,7 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from proxy.supervisor import Supervisor
 
         setup_logging(settings.log_format, settings.log_level, "supervisor")
-        return asyncio.run(Supervisor(settings, args.config).run())
+        return asyncio.run(Supervisor(settings, args.config, text).run())
     else:
         setup_logging(settings.log_format, settings.log_level)
     _event_loop_policy()
@@ -302,6 +299,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"pgvouch: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def read_config(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import itertools
 import logging
 import os
@@ -28,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from typing import Any
 
 from config.settings import Settings
@@ -41,6 +41,8 @@ PING_INTERVAL = 2.0  # how often the supervisor checks that each worker's event 
 STALL_AFTER = 6.0  # a worker silent this long gets no new clients until it answers again
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # between restarts of a worker that keeps dying
 ACCEPTS_PER_WAKEUP = 64
+WAITING_CLIENTS = 256  # accepted clients no worker could take yet; beyond: accepting pauses
+RETRY_HANDOVER = 0.05  # seconds between tries to hand those clients over
 
 
 class Worker:
@@ -53,7 +55,9 @@ class Worker:
         self.up = False  # said "ready" since it was (re)started, and has not exited
         self.draining = False  # stopping on its own: keeps its sessions, takes no new ones
         self.stalled = False  # its event loop has not answered a ping for STALL_AFTER
-        self.last_heard = 0.0
+        self.pinged_at: float | None = None  # the oldest ping it has not answered yet
+        self.draining_since = 0.0
+        self.reading = False  # the supervisor reads its bus messages
         self.ever_ready = False
         self.starts = 0
         self.started_at = 0.0
@@ -73,12 +77,16 @@ class Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, config_path: str) -> None:
+    def __init__(self, settings: Settings, config_path: str, config_text: str) -> None:
         self.settings = settings
         self.config_path = os.path.abspath(config_path)
-        # workers load the file themselves and refuse to run if it changed since (a worker
-        # restarted after an edit must not run with settings the others do not have)
-        self.config_digest = config_digest(self.config_path)
+        # every worker parses exactly the text this process loaded, from a memory file:
+        # one restarted after the file was edited runs what the others run
+        self.config_fd = os.memfd_create("pgvouch-config")
+        os.write(self.config_fd, config_text.encode())
+        self._runners: set[asyncio.Task[None]] = set()
+        self._waiting: deque[socket.socket] = deque()  # accepted, no worker could take them
+        self._retry: asyncio.TimerHandle | None = None
         self.workers = [Worker(index) for index in range(settings.workers)]
         self.listeners: list[socket.socket] = []
         self.accepting = False
@@ -103,7 +111,9 @@ class Supervisor:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload)
         for worker in self.workers:
-            self._spawn(self._keep_running(worker))
+            runner = loop.create_task(self._keep_running(worker))
+            self._runners.add(runner)
+            runner.add_done_callback(self._runners.discard)
         self._spawn(self._watch_workers())
         try:
             async with asyncio.timeout(STARTUP_TIMEOUT):
@@ -138,31 +148,34 @@ class Supervisor:
         self._update_accepting()
         for listener in self.listeners:
             listener.close()
+        while self._waiting:
+            self._waiting.popleft().close()
         for worker in self.workers:
-            if worker.process is not None and worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signal.SIGTERM)
+            self._signal(worker, signal.SIGTERM)
         grace = self.settings.limits.drain_timeout + 10.0
-        waits = [w.process.wait() for w in self.workers if w.process is not None]
-        try:
-            async with asyncio.timeout(grace):
-                await asyncio.gather(*waits)
-        except TimeoutError:
-            for worker in self.workers:
-                if worker.process is not None and worker.process.returncode is None:
-                    log.error("%s did not stop within %.0fs: killed", worker.name, grace)
-                    with contextlib.suppress(ProcessLookupError):
-                        worker.process.kill()
-        for task in list(self._tasks):
+        if self._runners:  # each ends when its worker has exited (one started late included)
+            _done, late = await asyncio.wait(self._runners, timeout=grace)
+            if late:
+                for worker in self.workers:
+                    if worker.process is not None and worker.process.returncode is None:
+                        log.error("%s did not stop within %.0fs: killed", worker.name, grace)
+                        self._signal(worker, signal.SIGKILL)
+                await asyncio.wait(late, timeout=10)
+        for task in [*self._tasks, *self._runners]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._runners, return_exceptions=True)
+        os.close(self.config_fd)
+
+    @staticmethod
+    def _signal(worker: Worker, signum: int) -> None:
+        if worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.send_signal(signum)
 
     def _reload(self) -> None:
         log.info("SIGHUP: the workers reload their policies")
-        for worker in self.workers:  # a starting worker loads the files as they are now
-            if worker.up and worker.process is not None and worker.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signal.SIGHUP)
+        for worker in self.workers:  # one still starting ignores it until its policies load
+            self._signal(worker, signal.SIGHUP)
 
     # -- workers -----------------------------------------------------------------
     async def _keep_running(self, worker: Worker) -> None:
@@ -173,8 +186,6 @@ class Supervisor:
             except Exception as exc:  # e.g. fork or socketpair failed (out of memory or fds)
                 log.error("%s could not be started: %s", worker.name, exc)
                 code = f"not started ({exc})"
-                worker.starts += 1
-                worker.started_at = time.monotonic()
             if self.stopping:
                 return
             if worker.starts == 1 and not worker.ever_ready:
@@ -190,6 +201,8 @@ class Supervisor:
             await asyncio.sleep(delay)
 
     async def _run_worker(self, worker: Worker) -> int:
+        worker.starts += 1
+        worker.started_at = time.monotonic()
         control, worker_control = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             channel, worker_channel = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -198,25 +211,31 @@ class Supervisor:
             worker_control.close()
             raise
         argument = (f"{worker.index}:{worker_control.fileno()}:{worker_channel.fileno()}:"
-                    f"{self.config_digest}")
+                    f"{self.config_fd}:{len(self.workers)}")
         reading: asyncio.Task[None] | None = None
         try:
             try:
                 worker.process = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "proxy.cli", "serve", "--config", self.config_path,
                     "--worker", argument,
-                    pass_fds=(worker_control.fileno(), worker_channel.fileno()),
+                    pass_fds=(worker_control.fileno(), worker_channel.fileno(), self.config_fd),
                 )
             finally:
                 worker_control.close()
                 worker_channel.close()
-            worker.starts += 1
-            worker.started_at = time.monotonic()
+            if self.stopping:  # started while the supervisor was shutting down
+                self._signal(worker, signal.SIGTERM)
             channel.setblocking(False)
             worker.channel = channel
             reader, worker.writer = await asyncio.open_unix_connection(sock=control)
             reading = asyncio.get_running_loop().create_task(self._read(worker, reader))
             return await worker.process.wait()
+        except BaseException:
+            self._signal(worker, signal.SIGKILL)  # started but not tracked: do not leave it
+            if worker.process is not None:
+                with contextlib.suppress(Exception):
+                    await worker.process.wait()
+            raise
         finally:
             worker.up = False
             self._update_accepting()
@@ -234,6 +253,7 @@ class Supervisor:
 
     async def _read(self, worker: Worker, reader: asyncio.StreamReader) -> None:
         writer = worker.writer
+        worker.reading = True
         try:
             while (message := await bus.read_message(reader)) is not None:
                 try:
@@ -242,11 +262,13 @@ class Supervisor:
                     log.exception("a bus message from %s could not be handled", worker.name)
         except (bus.BusError, OSError) as exc:
             log.error("%s sent what is not a bus message: %s", worker.name, exc)
+        finally:
+            worker.reading = False
 
     def _dispatch(self, worker: Worker, writer: asyncio.StreamWriter | None,
                   message: bus.Message) -> None:
         op = message["op"]
-        worker.last_heard = time.monotonic()
+        worker.pinged_at = None
         if worker.stalled:
             worker.stalled = False
             log.warning("%s answers again", worker.name)
@@ -255,7 +277,9 @@ class Supervisor:
             worker.sessions = max(0, worker.sessions - 1)
         elif op == "draining":  # stopping on its own (SIGTERM, lost link): send it no more
             if not worker.draining:
-                log.info("%s is draining: no more clients go to it", worker.name)
+                worker.draining_since = time.monotonic()
+                if not self.stopping:
+                    log.info("%s is draining: no more clients go to it", worker.name)
             worker.draining = True
             self._update_accepting()
         elif op == "ready":
@@ -303,25 +327,40 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def _watch_workers(self) -> None:
-        """Ping every running worker; one whose event loop stops answering (stuck in a
-        long computation, stopped) gets no new clients until it answers again."""
+        """Ping every running worker. One whose event loop stops answering (stuck in a long
+        computation, stopped) gets no new clients until it answers again; one whose bus
+        the supervisor no longer reads, or that drains far longer than it may, is killed
+        (and started again)."""
+        last = time.monotonic()
         while True:
             await asyncio.sleep(PING_INTERVAL)
             now = time.monotonic()
+            late, last = now - last > 2 * PING_INTERVAL, now  # this process was held up
             for worker in self.workers:
                 if not worker.up:
                     continue
-                worker.send({"op": "ping"})
-                if not worker.stalled and now - worker.last_heard > STALL_AFTER:
+                if not worker.reading or (
+                        worker.draining and not self.stopping
+                        and now - worker.draining_since > self.settings.limits.drain_timeout + 10):
+                    log.error("%s is %s: killed", worker.name, "draining for too long"
+                              if worker.reading else "not heard on its bus any more")
+                    self._signal(worker, signal.SIGKILL)
+                    continue
+                if worker.pinged_at is None:
+                    worker.pinged_at = now
+                    worker.send({"op": "ping"})
+                elif (not worker.stalled and not late
+                      and now - worker.pinged_at > STALL_AFTER):
                     worker.stalled = True
                     log.warning("%s has not answered for %.0fs: no new clients go to it until "
-                                "it does", worker.name, now - worker.last_heard)
+                                "it does", worker.name, now - worker.pinged_at)
                     self._update_accepting()
 
     # -- clients -----------------------------------------------------------------
     def _update_accepting(self) -> None:
         """Accept while running and some worker is ready; otherwise clients wait in the backlog."""
-        want = not self.stopping and any(w.ready for w in self.workers)
+        want = (not self.stopping and any(w.ready for w in self.workers)
+                and len(self._waiting) < WAITING_CLIENTS)
         if want == self.accepting:
             return
         loop = asyncio.get_running_loop()
@@ -341,11 +380,12 @@ class Supervisor:
             except OSError as exc:  # e.g. out of file descriptors: the client stays queued
                 log.warning("accept failed: %s", exc)
                 return
-            with client:
-                self._hand_over(client)
+            if self._waiting or not self._hand_over(client):
+                self._wait(client)
 
-    def _hand_over(self, client: socket.socket) -> None:
-        """To the ready worker with the fewest sessions; if it cannot take it, the next."""
+    def _hand_over(self, client: socket.socket) -> bool:
+        """To the ready worker with the fewest sessions; if it cannot take it now, the
+        next. False if none could (their queues are full): the client waits here."""
         over = sum(w.sessions for w in self.workers) >= self.settings.limits.max_client_connections
         if client.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -355,6 +395,8 @@ class Supervisor:
             assert worker.channel is not None
             try:
                 bus.pass_socket(worker.channel, client, over)
+            except (BlockingIOError, InterruptedError):
+                continue  # its queue is full: the next worker, or wait
             except OSError as exc:
                 log.error("could not hand a client connection to %s: %s", worker.name, exc)
                 if exc.errno in (errno.EPIPE, errno.ECONNRESET):
@@ -362,13 +404,26 @@ class Supervisor:
                     self._update_accepting()
                 continue
             worker.sessions += 1
-            return
-        log.error("no worker could take a client connection: closed")
+            client.close()  # the worker has it now
+            return True
+        return False
 
+    def _wait(self, client: socket.socket) -> None:
+        """Keep ``client`` until a worker can take it; accepting pauses while many wait."""
+        if not self._waiting:
+            log.warning("no worker can take a client connection now: clients wait")
+        self._waiting.append(client)
+        self._update_accepting()
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(RETRY_HANDOVER, self._hand_waiting)
 
-def config_digest(path: str) -> str:
-    with open(path, "rb") as file:
-        return hashlib.sha256(file.read()).hexdigest()
+    def _hand_waiting(self) -> None:
+        self._retry = None
+        while self._waiting and self._hand_over(self._waiting[0]):
+            self._waiting.popleft()
+        if self._waiting and not self.stopping:
+            self._retry = asyncio.get_running_loop().call_later(RETRY_HANDOVER, self._hand_waiting)
+        self._update_accepting()
 
 
 def listen_sockets(host: str, port: int) -> list[socket.socket]:

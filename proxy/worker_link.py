@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import socket
 from collections.abc import Callable
@@ -56,13 +57,18 @@ class WorkerLink:
         self._taking = False
 
     @classmethod
-    def from_argument(cls, value: str) -> tuple[WorkerLink, str]:
-        """``INDEX:CONTROL_FD:CHANNEL_FD:CONFIG_SHA256``, as the supervisor passes it: the
-        link, and the digest of the configuration file the supervisor loaded."""
-        index, control, channel, digest = value.split(":")
-        link = cls(int(index), socket.socket(fileno=int(control)),
-                   socket.socket(fileno=int(channel)))
-        return link, digest
+    def from_argument(cls, value: str) -> tuple[WorkerLink, str, int]:
+        """``INDEX:CONTROL_FD:CHANNEL_FD:CONFIG_FD:WORKERS``, as the supervisor passes it:
+        the link, the configuration text the supervisor loaded (every worker runs exactly
+        that, even one restarted after the file was edited) and the number of workers."""
+        index, control, channel, config, workers = (int(part) for part in value.split(":"))
+        try:
+            size = os.fstat(config).st_size
+            text = os.pread(config, size, 0).decode()
+        finally:
+            os.close(config)
+        link = cls(index, socket.socket(fileno=control), socket.socket(fileno=channel))
+        return link, text, workers
 
     async def start(self, adopt: Adopt) -> None:
         """Take client sockets (``adopt`` each) and messages until the supervisor goes."""
@@ -78,11 +84,13 @@ class WorkerLink:
         self._send({"op": "ready"})
 
     def stop_taking(self) -> None:
-        """Draining: take no more client sockets, and tell the supervisor to send none."""
-        if not self._taking:
-            return
-        self._taking = False
-        self._send({"op": "draining"})
+        """Draining: tell the supervisor to send no more clients. Any it sent meanwhile
+        are still taken, and refused by the draining server with an error."""
+        if self._taking:
+            self._taking = False
+            self._send({"op": "draining"})
+
+    def _stop_reading(self) -> None:
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(self._channel.fileno())
 
@@ -175,6 +183,7 @@ class WorkerLink:
         if not self.connected:
             return
         self.stop_taking()
+        self._stop_reading()
         self.connected = False
         for future in self._questions.values():
             if not future.done():
@@ -189,6 +198,7 @@ class WorkerLink:
 
     async def close(self) -> None:
         self.stop_taking()
+        self._stop_reading()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

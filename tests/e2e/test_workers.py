@@ -272,19 +272,48 @@ def test_a_worker_that_stops_answering_gets_no_new_clients_until_it_answers(
     assert workers.text().count(opened) == 1  # the third client only
 
 
-def test_a_worker_does_not_restart_with_a_configuration_the_others_lack(
-    workers: Workers
-) -> None:
-    workers.config.write_text(workers.config.read_text() + "# edited\n")
+def test_a_restarted_worker_runs_the_configuration_the_others_run(workers: Workers) -> None:
+    workers.config.write_text("this: [is not a pgvouch configuration\n")  # edited meanwhile
     before = workers.worker_pids()
     os.kill(before["worker-1"], signal.SIGKILL)
-    wait_for(lambda: "changed since pgvouch started" in workers.text(), timeout=20)
-    for _ in range(3):  # worker-0 serves meanwhile
-        client = _session(workers.port)
-        client.send(wire.query("SELECT 1"))
-        assert [kind for kind, _ in client.read_until_ready()] == ["T", "D", "C", "Z"]
+    wait_for(lambda: workers.worker_pids()["worker-1"] != before["worker-1"], timeout=30)
+    clients = [_session(workers.port) for _ in range(2)]  # one on each worker
+    try:
+        for client in clients:
+            client.send(wire.query("SELECT 1"))
+            assert [kind for kind, _ in client.read_until_ready()] == ["T", "D", "C", "Z"]
+    finally:
+        for client in clients:
+            client.close()
+    wait_for(lambda: "[worker-1] pgvouch.session: session opened" in workers.text())
+
+
+def test_clients_wait_while_no_worker_can_take_them(pg: PgServer, tmp_path: Path) -> None:
+    started = Workers(tmp_path, pg, "limits: {max_client_connections: 2000}\n")
+    pids = started.worker_pids()
+    waiting: list[socket.socket] = []
+    try:
+        for pid in pids.values():
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            # more than both workers' socket queues hold (a few hundred each)
+            waiting = [socket.create_connection(("127.0.0.1", started.port), timeout=10)
+                       for _ in range(700)]
+            wait_for(lambda: "clients wait" in started.text(), timeout=10)
+        finally:
+            for pid in pids.values():
+                os.kill(pid, signal.SIGCONT)
+        client = _session(started.port)
         client.close()
-    assert workers.worker_pids()["worker-1"] == before["worker-1"]  # not ready again
+        for sock in waiting:  # none was dropped: each is still open, waiting for its login
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                sock.recv(1, socket.MSG_PEEK)
+        assert "could not hand" not in started.text()
+    finally:
+        for sock in waiting:
+            sock.close()
+        assert started.stop() == 0, started.text()[-3000:]
 
 
 def test_sigterm_drains_every_worker_and_stops(pg: PgServer, tmp_path: Path) -> None:

@@ -79,4 +79,10 @@ def test_auto_workers_respect_a_cgroup_cpu_quota(tmp_path: Path) -> None:
                            ("150000 100000\n", min(2, affinity)), ("junk\n", affinity)):
         cpu_max.write_text(text)
         assert available_cpus(cpu_max) == expected
-    assert available_cpus(tmp_path / "missing") == affinity
+    v1 = tmp_path / "cpu"
+    v1.mkdir()
+    assert available_cpus(tmp_path / "missing", v1) == affinity
+    for quota, expected in (("-1", affinity), ("100000", 1)):
+        (v1 / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        (v1 / "cpu.cfs_period_us").write_text("100000\n")
+        assert available_cpus(tmp_path / "missing", v1) == expected
