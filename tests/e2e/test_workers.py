@@ -49,18 +49,21 @@ class Workers:
 
     def __init__(self, tmp_path: Path, pg: PgServer, extra: str = "",
                  env: dict[str, str] | None = None) -> None:
-        self.port, self.api_port = free_port(), free_port()
-        text = config_yaml(pg, port=self.port, api_port=self.api_port,
-                           extra="workers: 2\n" + extra)
         self.config = tmp_path / "workers.yaml"
-        self.config.write_text(add_tokens(text, TOKENS))
         self.log = tmp_path / "workers.log"
-        with self.log.open("w") as sink:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config)],
-                stdout=subprocess.DEVNULL, stderr=sink, env=env)
-        wait_for(lambda: self.proc.poll() is not None or "with 2 workers" in self.text(),
-                 timeout=60)
+        for _attempt in range(5):  # a free port some other process took meanwhile: again
+            self.port, self.api_port = free_port(), free_port()
+            text = config_yaml(pg, port=self.port, api_port=self.api_port,
+                               extra="workers: 2\n" + extra)
+            self.config.write_text(add_tokens(text, TOKENS))
+            with self.log.open("w") as sink:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "proxy.cli", "serve", "--config", str(self.config)],
+                    stdout=subprocess.DEVNULL, stderr=sink, env=env)
+            wait_for(lambda: self.proc.poll() is not None or "with 2 workers" in self.text(),
+                     timeout=60)
+            if self.proc.poll() is None or "in use" not in self.text():
+                break
         assert self.proc.poll() is None, self.text()[-3000:]
 
     def text(self) -> str:
