@@ -31,7 +31,7 @@ import secrets
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from proxy import scram, sqlstate, wire
 from proxy.console import Console, wants_console
@@ -48,30 +48,53 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgvouch.session")
 
-_I32 = struct.Struct("!i")
+_I32: Final = struct.Struct("!i")
+
+# Module constants are Final: compiled (mypyc), a Final name is a C constant or
+# static, where any other module global is a dictionary lookup at each use.
 
 # client message types
-_Q, _P, _B, _D, _E, _C, _S, _H, _F, _X, _d = b"QPBDECSHFXd"
-_BATCH = frozenset(b"PBDEC")
-_COPY = frozenset(b"dcf")
+_Q: Final = 0x51  # Query
+_P: Final = 0x50  # Parse
+_B: Final = 0x42  # Bind
+_D: Final = 0x44  # Describe
+_E: Final = 0x45  # Execute
+_C: Final = 0x43  # Close
+_S: Final = 0x53  # Sync
+_H: Final = 0x48  # Flush
+_F: Final = 0x46  # FunctionCall
+_X: Final = 0x58  # Terminate
+_d: Final = 0x64  # CopyData
+_BATCH: Final = frozenset(b"PBDEC")
+_COPY: Final = frozenset(b"dcf")
 # server message types the relay watches
-_Z, _PARSE_OK, _BIND_OK, _CLOSE_OK, _ERR, _PSTATUS, _COPY_OUT = b"Z123ESH"
-_WATCH = frozenset(b"Z123ESGHW")
-_PARSE_CACHE_MAX = 4096
-_STATUS = tuple(bytes((i,)) for i in range(256))  # ReadyForQuery status byte -> bytes
-_IDLE_STATUS = ord("I")
+_Z: Final = 0x5A  # ReadyForQuery
+_PARSE_OK: Final = 0x31  # ParseComplete
+_BIND_OK: Final = 0x32  # BindComplete
+_CLOSE_OK: Final = 0x33  # CloseComplete
+_ERR: Final = 0x45  # ErrorResponse
+_PSTATUS: Final = 0x53  # ParameterStatus
+_COPY_OUT: Final = 0x48  # CopyOutResponse
+_WATCH: Final = frozenset(b"Z123ESGHW")
+_WATCH_TABLE: Final = wire.type_table(b"Z123ESGHW")
+_PARSE_CACHE_MAX: Final = 4096
+_STATUS: Final = tuple(bytes((i,)) for i in range(256))  # ReadyForQuery status byte -> bytes
+_IDLE_STATUS: Final = 0x49  # "I"
 
 # phase changes on the hot path, computed once from the table in proxy.phases
-_READY, _IN_QUERY, _IN_COPY, _CLOSED = Phase.READY, Phase.IN_QUERY, Phase.IN_COPY, Phase.CLOSED
-_FORWARDED = advance(_READY, "forward")
-_QUERY_DONE = advance(_IN_QUERY, "idle")
+_READY: Final = Phase.READY
+_IN_QUERY: Final = Phase.IN_QUERY
+_IN_COPY: Final = Phase.IN_COPY
+_CLOSED: Final = Phase.CLOSED
+_FORWARDED: Final = advance(_READY, "forward")
+_QUERY_DONE: Final = advance(_IN_QUERY, "idle")
 
 # The probe: Parse and Close a named ROLLBACK (Parse of a transaction-exit
 # statement is accepted even in an aborted transaction), then Flush. The
 # server answers ParseComplete + CloseComplete unless it is skipping messages
 # after an error, in which case it answers nothing (its error was already
 # flushed). Nothing is created or run.
-_PROBE = (
+_PROBE: Final = (
     wire.message(b"P", wire.cstr("pgvouch_probe") + wire.cstr("ROLLBACK") + b"\x00\x00")
     + wire.message(b"C", b"S" + wire.cstr("pgvouch_probe"))
     + wire.message(b"H")
@@ -80,19 +103,19 @@ _PROBE = (
 # A statement the server always rejects at Parse time, so nothing is created
 # or dropped (not even the unnamed statement) and no transaction is touched
 # beyond what an error does. The name keeps the unnamed statement intact.
-POISON_SQL = "pgvouch: statement refused"
-POISON_PARSE = wire.message(b"P", wire.cstr("pgvouch_denied") + wire.cstr(POISON_SQL) + b"\x00\x00")
-FLUSH = wire.message(b"H")
+POISON_SQL: Final = "pgvouch: statement refused"
+POISON_PARSE: Final = wire.message(b"P", wire.cstr("pgvouch_denied") + wire.cstr(POISON_SQL) + b"\x00\x00")
+FLUSH: Final = wire.message(b"H")
 
 
 def is_poison_error(fields: dict[str, str]) -> bool:
     """The server's answer to the poison (or to anything in an aborted transaction)."""
     code = fields.get("C")
     return code == "25P02" or (code == "42601" and "pgvouch" in fields.get("M", ""))
-_SERVER_MAX_MESSAGE = (1 << 30) + (1 << 20)
-WRITE_HIGH_WATER = 256 * 1024
-BATCH_BUFFER_LIMIT = 8 * 1024 * 1024
-HELD_INPUT_LIMIT = 1024 * 1024  # what a client may pipeline behind a held unit
+_SERVER_MAX_MESSAGE: Final = (1 << 30) + (1 << 20)
+WRITE_HIGH_WATER: Final = 256 * 1024
+BATCH_BUFFER_LIMIT: Final = 8 * 1024 * 1024
+HELD_INPUT_LIMIT: Final = 1024 * 1024  # what a client may pipeline behind a held unit
 
 
 class _Cycle:
@@ -108,8 +131,8 @@ class _Cycle:
         self.watch: _Watch | None = None
 
 
-_PLAIN_SYNC = _Cycle(_S, 0, None)  # shared, never modified
-_PLAIN_QUERY = _Cycle(_Q, 0, None)
+_PLAIN_SYNC: Final = _Cycle(_S, 0, None)  # shared, never modified
+_PLAIN_QUERY: Final = _Cycle(_Q, 0, None)
 
 
 class _Watch:
@@ -532,7 +555,7 @@ class ClientSession(asyncio.Protocol):
                     self.batch_statements.append(tracker.execute(wire.read_execute(chunk, start, end)))
                 elif kind == _P:
                     raw, name, prepared = self.last_parse
-                    if end - start != len(raw) or not chunk.startswith(raw, start):
+                    if end - start != len(raw) or chunk[start:end] != raw:
                         name, text, types = wire.read_parse(chunk, start, end)
                         prepared = PreparedSql(text, types)
                         if end - start <= _PARSE_CACHE_MAX:
@@ -855,7 +878,7 @@ class ClientSession(asyncio.Protocol):
             self._upstream_slow(data)
             return
         try:
-            chunk, events = self.server_framer.scan(data, _WATCH)
+            chunk, events = self.server_framer.scan(data, _WATCH_TABLE)
         except wire.ProtocolError as exc:
             log.error("upstream protocol error in session %s: %s", self.id, exc)
             self.upstream_lost(exc)

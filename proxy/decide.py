@@ -49,11 +49,11 @@ class Statement:
         self.param_types = param_types
         self._bind: bytes | None = None
 
-    @classmethod
-    def bound(cls, sql: str, bind_tail: bytes, param_types: tuple[int, ...]) -> Statement:
+    @staticmethod
+    def bound(sql: str, bind_tail: bytes, param_types: tuple[int, ...]) -> Statement:
         """An Execute of ``sql``, its parameters still in ``bind_tail`` (a validated
         Bind's bytes after its two names; see :func:`proxy.wire.bind_values`)."""
-        statement = cls(sql, "execute", (), (), param_types)
+        statement = Statement(sql, "execute", (), (), param_types)
         statement._bind = bind_tail
         return statement
 
@@ -99,10 +99,30 @@ class Statement:
                 f"param_formats={self.param_formats!r}, param_types={self.param_types!r})")
 
 
-@dataclass(slots=True)
 class Unit:
-    statements: tuple[Statement, ...]
-    extended: bool = False
+    """What one ``decide()`` call is about: a simple Query or FunctionCall (one
+    statement), or an extended-protocol batch up to Sync/Flush (``extended``).
+
+    A plain class rather than a dataclass: the relay builds one per statement,
+    and compiled (mypyc) this constructor is a native call.
+    """
+
+    __slots__ = ("extended", "statements")
+    __match_args__ = ("statements", "extended")
+    __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
+
+    def __init__(self, statements: tuple[Statement, ...], extended: bool = False) -> None:
+        self.statements = statements
+        self.extended = extended
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, Unit)
+        return self.statements == other.statements and self.extended == other.extended
+
+    def __repr__(self) -> str:
+        return f"Unit(statements={self.statements!r}, extended={self.extended!r})"
 
 
 @dataclass(frozen=True, slots=True)

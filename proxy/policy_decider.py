@@ -20,7 +20,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from config.yamlnodes import ConfigError
 from policies.classify import (
@@ -44,11 +44,11 @@ from proxy.statement_audit import AuditedAllow, StatementAuditor, statement_even
 
 log = logging.getLogger("pgvouch.policy")
 
-_DECISION_CACHE = 4096
+_DECISION_CACHE: Final = 4096
 # Not audited unless audit.reads is on: reads, and transaction/session control.
-_UNAUDITED = frozenset({Kind.READ, Kind.SESSION})
+_UNAUDITED: Final = frozenset({Kind.READ, Kind.SESSION})
 # Statements that may create functions or change their volatility (see proxy.function_catalog).
-_MAY_CHANGE_FUNCTIONS = frozenset({Kind.DDL, Kind.UNKNOWN})
+_MAY_CHANGE_FUNCTIONS: Final = frozenset({Kind.DDL, Kind.UNKNOWN})
 
 
 class LivePolicies:
@@ -118,11 +118,11 @@ class Commands(Protocol):
 # (volatile functions, known functions, relations that run volatile functions)
 FunctionFacts = tuple[frozenset[str], frozenset[str], frozenset[str]]
 _NO_FACTS: FunctionFacts = (frozenset(), frozenset(), frozenset())  # every function call may write
-_CHANGED = "functions_changed"  # session.state: this session let through DDL, DO or CALL
+_CHANGED: Final = "functions_changed"  # session.state: this session let through DDL, DO or CALL
 # session.state: a _Shortcut (see PolicyDecider.decide)
-_LAST = "last_allowed"
-_SHORTCUT_FORMS = 32  # integer forms a session's shortcut keeps, each of at most:
-_SHORTCUT_FORM_BYTES = 2048
+_LAST: Final = "last_allowed"
+_SHORTCUT_FORMS: Final = 32  # integer forms a session's shortcut keeps, each of at most:
+_SHORTCUT_FORM_BYTES: Final = 2048
 
 
 class _Shortcut:

@@ -17,34 +17,35 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Final
 
 from config.settings import Account, Resource, Settings
 from proxy import sqlstate
 
 # Startup parameters that are never forwarded as-is.
-_HANDLED = {"user", "database", "options", "replication"}
+_HANDLED: Final = {"user", "database", "options", "replication"}
 # Settings that change who the session is: a privilege change in disguise.
 # role and session_authorization change who runs statements; the read-only pair is
 # pgvouch's to set (a session whose policies never allow a write is read-only): a
 # client may only ask for default_transaction_read_only on
-REFUSED_SETTINGS = frozenset({"role", "session_authorization", "transaction_read_only"})
-_ON = frozenset({"on", "true", "yes", "1"})
-PGVOUCH_SETTINGS = frozenset({"pgvouch.account", "pgvouch.hold"})
+REFUSED_SETTINGS: Final = frozenset({"role", "session_authorization", "transaction_read_only"})
+_ON: Final = frozenset({"on", "true", "yes", "1"})
+PGVOUCH_SETTINGS: Final = frozenset({"pgvouch.account", "pgvouch.hold"})
 # PostgreSQL splits options on C isspace() in the C locale, nothing wider.
-_C_SPACE = " \t\n\v\f\r"
+_C_SPACE: Final = " \t\n\v\f\r"
 # A setting name as PostgreSQL accepts it (custom settings have one dot or more).
-_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
+_NAME_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.")
 
 
 # Client encodings whose multibyte characters may end in an ASCII byte (a
 # backslash, say): the server would read the bytes differently from the UTF-8
 # the proxy decodes, so what the decider sees is not what runs.
-_UNSAFE_ENCODINGS = frozenset({
+_UNSAFE_ENCODINGS: Final = frozenset({
     "sjis", "shiftjis", "mskanji", "win932", "windows932", "shiftjis2004",
     "big5", "win950", "windows950", "gbk", "win936", "windows936", "cp936",
     "uhc", "win949", "windows949", "gb18030", "johab",
 })
-_LEXING_WORDS = re.compile(r"encoding|conforming|backslash_quote|set_config|u&", re.IGNORECASE)
+_LEXING_WORDS: Final = re.compile(r"encoding|conforming|backslash_quote|set_config|u&", re.IGNORECASE)
 
 
 def lexing_setting_is_safe(name: str, value: str) -> bool:

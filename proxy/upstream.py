@@ -17,17 +17,17 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, cast
 from typing import Protocol as TypingProtocol
-from typing import cast
 
 from config.settings import Account, Resource
 from config.yamlnodes import ConfigError
 from proxy import scram, wire
 from proxy.inbox import Inbox
 
-_I32 = struct.Struct("!i")
+_I32: Final = struct.Struct("!i")
 
-MAX_HANDSHAKE_MESSAGE = 1 << 20
+MAX_HANDSHAKE_MESSAGE: Final = 1 << 20
 
 
 class UpstreamError(Exception):

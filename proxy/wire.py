@@ -16,17 +16,28 @@ from __future__ import annotations
 import builtins
 import struct
 from dataclasses import dataclass
+from typing import Final
 
-PROTOCOL_3_0 = 196608  # (3 << 16) | 0
-SSL_REQUEST = 80877103
-GSSENC_REQUEST = 80877104
-CANCEL_REQUEST = 80877102
+PROTOCOL_3_0: Final = 196608  # (3 << 16) | 0
+SSL_REQUEST: Final = 80877103
+GSSENC_REQUEST: Final = 80877104
+CANCEL_REQUEST: Final = 80877102
 
-MAX_STARTUP_SIZE = 10_000  # PostgreSQL itself caps the startup packet at 10000 bytes
+MAX_STARTUP_SIZE: Final = 10_000  # PostgreSQL itself caps the startup packet at 10000 bytes
 
-_I32 = struct.Struct("!i")
-ALL_TYPES = frozenset(range(256))
+_I32: Final = struct.Struct("!i")
 _unpack_i32 = _I32.unpack_from
+
+
+def type_table(types: bytes) -> bytes:
+    """A 256-byte table for :meth:`Framer.scan`: 1 at each message type in ``types``."""
+    table = bytearray(256)
+    for kind in types:
+        table[kind] = 1
+    return bytes(table)
+
+
+ALL_TYPES: Final = b"\x01" * 256  # every message type, as a type_table
 
 
 def _i16(data: bytes, pos: int) -> int:
@@ -86,9 +97,10 @@ class Framer:
         """Every complete message (see the class docstring)."""
         return self.scan(data, ALL_TYPES)
 
-    def scan(self, data: bytes, watch: frozenset[int]) -> tuple[bytes | memoryview,
-                                                                 list[tuple[int, int, int]]]:
-        """:meth:`feed`, listing only the messages whose type is in ``watch``.
+    def scan(self, data: bytes, watch: bytes) -> tuple[bytes | memoryview,
+                                                        list[tuple[int, int, int]]]:
+        """:meth:`feed`, listing only the messages whose type ``watch`` (a
+        :func:`type_table`) marks.
 
         ``chunk`` is empty when no message is complete yet.
         """
@@ -120,7 +132,7 @@ class Framer:
             if end > n:
                 self._need = end - pos
                 break
-            if kind in watch:
+            if watch[kind]:
                 messages.append((kind, pos, end))
             pos = end
         if pos == n:
@@ -298,8 +310,8 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
     return message(b"p", cstr(mechanism) + _I32.pack(len(data)) + data)
 
 
-TERMINATE = message(b"X")
-SYNC = message(b"S")
+TERMINATE: Final = message(b"X")
+SYNC: Final = message(b"S")
 
 
 def row_description(columns: list[str]) -> bytes:
@@ -422,20 +434,42 @@ def decode_query(chunk: bytes | memoryview, start: int, end: int) -> str:
     """The SQL of a Query message (exactly one terminating NUL, valid UTF-8)."""
     if not isinstance(chunk, bytes):
         chunk, start, end = bytes(chunk[start:end]), 0, end - start
-    if end - start < 6 or chunk.find(b"\x00", start + 5, end) != end - 1:
+    if end - start < 6 or chunk[end - 1] != 0:
         raise ProtocolError("malformed Query message")
     try:
-        return chunk[start + 5 : end - 1].decode("utf-8")
+        sql = chunk[start + 5 : end - 1].decode("utf-8")
     except UnicodeDecodeError:
         raise _bad_utf8() from None
+    # no NUL before the terminator: UTF-8 encodes nothing else with a zero
+    # byte, so the decoded text tells (and `in` on a str compiles to one call)
+    if "\x00" in sql:
+        raise ProtocolError("malformed Query message")
+    return sql
+
+
+def _nul(data: bytes, pos: int, end: int) -> int:
+    """The offset of the first NUL in ``data[pos:end]``, or -1.
+
+    Names (statements, portals) are short: compiled, a loop over the first
+    bytes costs less than the method call of ``bytes.find``, which takes over
+    for anything longer (SQL text).
+    """
+    stop = pos + 24
+    if stop > end:
+        stop = end
+    while pos < stop:
+        if data[pos] == 0:
+            return pos
+        pos += 1
+    return data.find(b"\x00", pos, end) if pos < end else -1
 
 
 def _two_cstrings(data: bytes, pos: int, end: int) -> tuple[str, str, int]:
     """The two NUL-terminated strings that open Parse and Bind, and the second NUL's offset."""
-    z = data.find(b"\x00", pos, end)
+    z = _nul(data, pos, end)
     if z < 0:
         raise _truncated("a string")
-    z2 = data.find(b"\x00", z + 1, end)
+    z2 = _nul(data, z + 1, end)
     if z2 < 0:
         raise _truncated("a string")
     try:
@@ -569,7 +603,7 @@ def bind_values(tail: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]
 def read_execute(data: bytes, start: int, end: int) -> str:
     """Execute: the portal name; ``data`` must be bytes."""
     pos = start + 5
-    z = data.find(b"\x00", pos, end)
+    z = _nul(data, pos, end)
     if z < 0:
         raise _truncated("a string")
     if z + 5 != end:
@@ -589,7 +623,7 @@ def check_target(data: bytes, start: int, end: int) -> None:
     which = data[start + 5]
     if which != 0x53 and which != 0x50:
         raise ProtocolError(f"invalid Describe/Close target {which!r}")
-    z = data.find(b"\x00", start + 6, end)
+    z = _nul(data, start + 6, end)
     if z != end - 1:
         raise _truncated("a string") if z < 0 else _trailing()
     if z > start + 6:
