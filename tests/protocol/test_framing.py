@@ -456,6 +456,21 @@ def test_decoders_work_on_offsets_inside_a_larger_chunk() -> None:
     assert wire.decode_execute(chunk, es, ee) == "p1"
 
 
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 25, 63, 300])
+def test_names_of_every_length_around_the_short_scan(size: int) -> None:
+    """Names are found by a short loop, then by bytes.find: both sides of the switch."""
+    name = "n" * size
+    raw = name.encode()
+    assert wire.decode_parse(*whole(enc_parse(raw, b"SELECT 1", []))) == wire.Parse(name, "SELECT 1", ())
+    assert wire.decode_bind(*whole(enc_bind(raw, raw, [], [b"7"], []))) == wire.Bind(name, name, (), (b"7",))
+    assert wire.decode_execute(*whole(frame(ord("E"), cstr(raw) + struct.pack("!i", 0)))) == name
+    assert wire.decode_target(*whole(frame(ord("D"), b"S" + cstr(raw)))) == ("S", name)
+    for broken in (frame(ord("E"), raw + struct.pack("!i", 0)),  # name never ends
+                   frame(ord("D"), b"S" + raw)):
+        with pytest.raises(ProtocolError):
+            (wire.decode_execute if broken[0] == ord("E") else wire.decode_target)(*whole(broken))
+
+
 def test_query_describe_close_execute() -> None:
     assert wire.decode_query(*whole(wire.query("SELECT 'é'"))) == "SELECT 'é'"
     assert wire.decode_target(*whole(frame(ord("D"), b"S" + cstr(b"s1")))) == ("S", "s1")
@@ -468,6 +483,10 @@ def test_query_describe_close_execute() -> None:
     [
         (wire.decode_query, frame(ord("Q"), b"SELECT 1")),  # no terminator
         (wire.decode_query, frame(ord("Q"), b"SELECT 1\x00x")),  # trailing bytes
+        # a NUL inside: PostgreSQL would run only "SELECT 1" and then refuse the
+        # message, so the text the decider would see is not what runs
+        (wire.decode_query, frame(ord("Q"), b"SELECT 1\x00; DROP TABLE t\x00")),
+        (wire.decode_query, frame(ord("Q"), b"\x00\x00")),
         (wire.decode_query, frame(ord("Q"), b"\xff\x00")),  # not UTF-8
         (wire.decode_parse, frame(ord("P"), b"s\x00SELECT 1\x00" + struct.pack("!h", -1))),
         (wire.decode_parse, frame(ord("P"), b"s\x00SELECT 1\x00" + struct.pack("!h", 3) + b"\0")),
