@@ -399,11 +399,12 @@ def pgvouch_command() -> list[str]:
 
 
 def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
-                   policies: Path | None, workdir: Path, workers: int) -> str:
+                   policies: Path | None, workdir: Path, workers: int, pin: bool = True) -> str:
     """``pgvouch.yaml``: relay-only, or with ``policies``, a store and the writer account
     and DBA the policy set in bench/policies/ refers to. The store is SQLite in ``workdir``
     for one worker; several share a PostgreSQL store (schema ``pgvouch`` of the bench
-    database, its URL in ``BENCH_STORE``), as pgvouch requires."""
+    database, its URL in ``BENCH_STORE``), as pgvouch requires. Several workers run
+    with ``pin_workers`` (one CPU each) unless ``pin`` is false."""
     accounts = [("app", ROLE)]
     users = [f"  - name: {CLIENT_USER}\n"]
     extra = ""
@@ -426,7 +427,8 @@ def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
         f"api: {{host: {HOST}, port: {api_port}}}\n"
         "client_auth: trust\n"
         f"workers: {workers}\n"
-        "limits: {drain_timeout: 2s}\n"
+        + ("pin_workers: true\n" if workers > 1 and pin else "")
+        +         "limits: {drain_timeout: 2s}\n"
         "resources:\n"
         f"  - name: {DATABASE}\n"
         f"    host: {HOST}\n"
@@ -445,7 +447,8 @@ def pgvouch_config(port: int, api_port: int, pg: LocalPostgres,
 
 
 def start_pgvouch(
-    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None, workers: int
+    stack: contextlib.ExitStack, pg: LocalPostgres, policies: Path | None, workers: int,
+    pin: bool = True,
 ) -> tuple[Target, subprocess.Popen[bytes]]:
     """``pgvouch serve``: the relay-only target, or with ``policies`` the pgvouch+policy one."""
     name = RELAY if policies is None else POLICY
@@ -454,7 +457,7 @@ def start_pgvouch(
     port, api_port = free_port(), free_port()
     config = workdir / "pgvouch.yaml"
     log = workdir / "pgvouch.log"
-    config.write_text(pgvouch_config(port, api_port, pg, policies, workdir, workers))
+    config.write_text(pgvouch_config(port, api_port, pg, policies, workdir, workers, pin))
     store = pg.dsn(ROLE, DATABASE, ROLE_PASSWORD, schema="pgvouch")
     with log.open("wb") as log_file:
         proc = subprocess.Popen(
@@ -564,6 +567,13 @@ class Placement:
         self.enabled = enabled and len(self.all_cpus) > 1
         self._postmaster = int((pg.datadir / "postmaster.pid").read_text().split()[0])
         self._proxies = list(proxies)
+        # the CPUs each proxy thread chose itself (pgvouch's pinned workers): cells on
+        # all CPUs give them back, rather than every CPU
+        self._own: dict[int, set[int]] = {}
+        for pid in self._proxies:
+            for task in _tasks(pid):
+                with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                    self._own[task] = os.sched_getaffinity(task)
 
     def cpus_for(self, clients: int) -> set[int]:
         return self.one_cpu if self.enabled and clients == 1 else self.all_cpus
@@ -574,19 +584,24 @@ class Placement:
             return
         cpus = self.cpus_for(clients)
         for pid in [self._postmaster, *children(self._postmaster), *self._proxies]:
-            try:
-                tasks = os.listdir(f"/proc/{pid}/task")
-            except FileNotFoundError:  # a backend that exited since children() saw it
-                continue
-            for task in tasks:
+            for task in _tasks(pid):
+                mine = cpus if cpus != self.all_cpus else self._own.get(task, cpus)
                 with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                    os.sched_setaffinity(int(task), cpus)
+                    os.sched_setaffinity(task, mine)
         os.sched_setaffinity(0, cpus)
 
     def describe(self) -> str:
         if not self.enabled:
             return "not pinned"
         return f"1-client cells pinned to CPU {min(self.one_cpu)}; 16-client cells on all CPUs"
+
+
+def _tasks(pid: int) -> list[int]:
+    """The threads of a process (none if it exited, a backend since children() saw it)."""
+    try:
+        return [int(task) for task in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
 
 
 def children(parent: int) -> list[int]:
@@ -855,6 +870,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         metavar="N",
                         help="pgvouch's `workers:` (relay processes) for both pgvouch targets "
                              "(default: one per CPU, %(default)s here)")
+    parser.add_argument("--unpinned-workers", action="store_true",
+                        help="run pgvouch's workers without `pin_workers: true` (by default "
+                             "each worker has a CPU of its own)")
     parser.add_argument("--policies", type=Path, metavar="DIR",
                         help="the policy directory of the pgvouch+policy target (config key "
                              f"`policies`; default {POLICIES.relative_to(REPO)}/)")
@@ -895,8 +913,9 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
         print(f"pgbench -i -s {SCALE} ...", file=sys.stderr)
         prepare_database(pg, pgbench)
         bouncer = start_pgbouncer(stack, pgbouncer, pg)
-        vouch, vouch_proc = start_pgvouch(stack, pg, None, args.workers)
-        vouch_policy, _ = start_pgvouch(stack, pg, policies, args.workers)
+        pin = not args.unpinned_workers
+        vouch, vouch_proc = start_pgvouch(stack, pg, None, args.workers, pin)
+        vouch_policy, _ = start_pgvouch(stack, pg, policies, args.workers, pin)
         bare = start_bare_relay(stack, pg)
         if args.policies is None:
             check_policy_enforced(psql, vouch_policy)
@@ -941,6 +960,7 @@ def run_benchmark(args: argparse.Namespace) -> tuple[dict[str, object], list[Cel
             "placement": placement.describe(),
             "policies": shown_path(policies),
             "pgvouch_workers": args.workers,
+            "pgvouch_pin_workers": args.workers > 1 and not args.unpinned_workers,
             "policy_tpcb_account": WRITER_ACCOUNT,
             "goals_vs_pgbouncer_select_only": GOALS,
             "goals_policy_vs_relay_select_only": POLICY_GOALS,
@@ -973,8 +993,9 @@ def report(args: argparse.Namespace, meta: dict[str, object], cells: Sequence[Ce
         f"goal (issue #3): {POLICY}/pgvouch tps (policy/relay) >= {POLICY_GOALS[16]}x at 16 "
         f"clients on every select-only mode; {policy_below} cell(s) BELOW. "
         f"Policies: {meta['policies']}.\n"
-        f"pgvouch and {POLICY} run with workers: {args.workers} (relay processes); pgbouncer "
-        "is one process.\n"
+        f"pgvouch and {POLICY} run with workers: {args.workers} (relay processes)"
+        + (", pin_workers: true (a CPU each)" if meta["pgvouch_pin_workers"] else "")
+        + "; pgbouncer is one process.\n"
         f"bare: {BARE} (bench/bare_relay.py, one process of uvloop forwarding bytes unread); "
         "bare/bnc is the ceiling of vouch/bnc for any one-process Python relay here.\n"
         f"{tpcb_note}\n"

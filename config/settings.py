@@ -242,6 +242,7 @@ class Settings:
     slack: SlackSettings | None = None
     email: EmailSettings | None = None
     workers: int = 1  # relay processes behind the listen address (see proxy.supervisor)
+    pin_workers: bool = False  # worker N runs only on the Nth CPU this process may use
 
     def groups_of(self, user: str) -> tuple[str, ...]:
         entry = self.users.get(user)
@@ -378,7 +379,7 @@ def _limits(node: Node | None) -> Limits:
 TOP_KEYS = (
     "listen", "api", "tls", "client_auth", "resources", "users", "limits", "log", "policies",
     "store", "store_env", "hold", "audit", "notify", "integrations", "preview", "functions",
-    "workers",
+    "workers", "pin_workers",
 )
 EVENT_TYPES = (
     "request.created", "request.voted", "request.step_completed", "request.approved",
@@ -670,6 +671,7 @@ def settings_from_node(root: Node) -> Settings:
         policies=policies,
         source=root.file,
         workers=workers,
+        pin_workers=m["pin_workers"].bool() if "pin_workers" in m else False,
     )
 
 

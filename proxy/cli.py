@@ -282,6 +282,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if link is not None:
         setup_logging(settings.log_format, settings.log_level, f"worker-{link.index}")
+        if settings.pin_workers:  # before the event loop starts its threads: they inherit it
+            from proxy.worker_link import pin_to_cpu
+
+            cpu = pin_to_cpu(link.index)
+            if cpu is not None:
+                logging.getLogger("pgvouch.worker").info("worker-%d runs on CPU %d",
+                                                         link.index, cpu)
         if link.index > 0:  # the first worker serves the API (and asks the others)
             settings = dataclasses.replace(settings,
                                            api=dataclasses.replace(settings.api, enabled=False))
@@ -292,6 +299,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return asyncio.run(Supervisor(settings, args.config, text).run())
     else:
         setup_logging(settings.log_format, settings.log_level)
+        if settings.pin_workers:
+            log.warning("pin_workers has no effect with one worker (workers: 1)")
     _event_loop_policy()
     try:
         asyncio.run(run_proxy(settings, link=link))

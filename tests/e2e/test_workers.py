@@ -151,6 +151,31 @@ def test_sessions_spread_over_the_workers_and_metrics_count_them_all(workers: Wo
     assert workers.metrics()["pgvouch_client_connections_total"] == 2
     status, body = api_call(workers.api_port, "GET", "/readyz")
     assert status == 200 and body["status"] == "ready"
+    # without pin_workers, a worker may run wherever the supervisor may
+    for pid in workers.worker_pids().values():
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(workers.proc.pid)
+
+
+def test_pinned_workers_each_run_on_a_cpu_of_their_own(pg: PgServer, tmp_path: Path) -> None:
+    started = Workers(tmp_path, pg, "pin_workers: true\n")
+    try:
+        cpus = sorted(os.sched_getaffinity(0))  # what the supervisor inherited
+        wait_for(lambda: len(started.worker_pids()) == 2)
+        for name, pid in started.worker_pids().items():
+            index = int(name.rpartition("-")[2])
+            cpu = cpus[index % len(cpus)]
+            assert os.sched_getaffinity(pid) == {cpu}
+            for task in os.listdir(f"/proc/{pid}/task"):  # its threads too
+                assert os.sched_getaffinity(int(task)) == {cpu}
+            assert f"{name} runs on CPU {cpu}" in started.text()
+        clients = [_session(started.port) for _ in range(2)]
+        assert _spread(started)
+        for client in clients:
+            client.send(wire.query("SELECT 1"))
+            assert [kind for kind, _ in client.read_until_ready()] == ["T", "D", "C", "Z"]
+            client.close()
+    finally:
+        assert started.stop() == 0, started.text()[-3000:]
 
 
 def test_a_cancel_request_that_reaches_the_other_worker_cancels_the_statement(

@@ -60,6 +60,14 @@ def test_workers_default_to_one_and_take_a_number_or_auto() -> None:
             load(f"workers: {bad}\n")
 
 
+def test_pin_workers_is_off_unless_set_to_true() -> None:
+    assert load("").pin_workers is False
+    assert load("workers: 2\npin_workers: true\n").pin_workers is True
+    assert load("workers: 2\npin_workers: false\n").pin_workers is False
+    with pytest.raises(ConfigError, match=r"pgvouch.yaml:6: expected true or false"):
+        load("pin_workers: sometimes\n")
+
+
 def test_workers_with_policies_need_a_postgresql_store() -> None:
     policies = "policies: /nonexistent/policies\n"
     with pytest.raises(ConfigError, match=r"pgvouch.yaml:6: workers above 1 with policies need "
