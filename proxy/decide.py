@@ -108,7 +108,6 @@ class Unit:
     """
 
     __slots__ = ("extended", "statements")
-    __match_args__ = ("statements", "extended")
     __hash__ = None  # type: ignore[assignment]  # mutable, like the dataclass it replaces
 
     def __init__(self, statements: tuple[Statement, ...], extended: bool = False) -> None:

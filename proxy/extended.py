@@ -37,6 +37,11 @@ _Op = tuple[str, str, "PreparedSql | Statement | None"]
 _V = TypeVar("_V", PreparedSql, Statement | None)
 
 
+def _as_statement(value: object) -> Statement:
+    """What an Execute runs: the bound statement, or "cannot tell" (see Statement)."""
+    return value if isinstance(value, Statement) else Statement(None, "execute")
+
+
 class ExtendedTracker:
     """Statements and portals as the server knows them, plus what is in flight."""
 
@@ -63,12 +68,13 @@ class ExtendedTracker:
         it agrees with every other candidate, the confirmed one included.
         """
         opened = self._open
-        i = len(opened) - 1
-        while i >= 0:  # by index: compiled, cheaper than reversed() on a deque
-            op = opened[i]
+        # the message just before (the common case) first, cheaply; then the cycle
+        # through reversed(), not by index: a deque's index costs up to len/64 steps
+        if opened and opened[-1][0] == kind and opened[-1][1] == name:
+            return cast("_V | None", opened[-1][2])
+        for op in reversed(opened):
             if op[0] == kind and op[1] == name:
                 return cast("_V | None", op[2])
-            i -= 1
         cycles = self._cycles
         if len(cycles) == 1:  # nothing older in flight: the common case
             return confirmed.get(name)
@@ -120,16 +126,15 @@ class ExtendedTracker:
 
     def execute(self, portal: str) -> Statement:
         opened = self._open
-        i = len(opened) - 1
-        while i >= 0:  # by index: compiled, cheaper than reversed() on a deque
-            op = opened[i]
-            if op[0] == "B" and op[1] == portal:  # bound in this cycle (the common case)
+        if opened and opened[-1][0] == "B" and opened[-1][1] == portal:
+            return _as_statement(opened[-1][2])  # bound just before (the common case)
+        for op in reversed(opened):  # see _resolve
+            if op[0] == "B" and op[1] == portal:  # bound in this cycle
                 value = op[2]
                 break
-            i -= 1
         else:
             value = self._resolve("B", portal, self.portals)
-        return value if isinstance(value, Statement) else Statement(None, "execute")
+        return _as_statement(value)
 
     def close(self, which: str, name: str) -> None:
         """A Close takes effect when the server acknowledges it (CloseComplete)."""
